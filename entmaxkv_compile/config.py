@@ -1,0 +1,121 @@
+"""The one configuration dataclass of entmaxkv-compile.
+
+Every knob the backend, the ops, the export path and the benchmarks read lives here, validated once in
+``__post_init__`` so a bad value fails at ``backend(config)`` time with a message that names the field,
+the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+Policy = Literal["dense", "topk", "adaptive", "certified"]
+Sketch = Literal["int8", "int4"]
+InnerCompiler = Literal["inductor", "aot_eager", "eager"]
+
+POLICIES: tuple[str, ...] = ("dense", "topk", "adaptive", "certified")
+SKETCHES: tuple[str, ...] = ("int8", "int4")
+INNER_COMPILERS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
+SUPPORTED_HEAD_DIMS: tuple[int, ...] = (64, 128, 256)
+
+
+@dataclass(frozen=True)
+class EntmaxKVConfig:
+    """Settings of the entmaxkv backend.
+
+    Parameters
+    ----------
+    policy:
+        How a decode step chooses what to read. ``certified`` (default) is exact: int sketches of the keys
+        with worst-case error bounds prove which tokens cannot be in the entmax support; ``dense`` reads
+        every key once and values only for the support; ``topk`` reads a static budget of pages (plus sink
+        and recent pages); ``adaptive`` keeps pages whose upper bound can cross an estimated threshold.
+    page_size:
+        Tokens per page for page metadata (``topk``/``adaptive``). Power of two, 4..256.
+    budget_pages:
+        Pages selected per KV group by ``topk`` (sink and recent pages come on top of it).
+    sink_pages, recent_pages:
+        Pages always kept by ``topk``/``adaptive`` at the start and at the end of the context.
+    sketch:
+        Key sketch used by ``certified``: ``int8`` (tightest) or ``int4`` (half the bytes).
+    sketch_group:
+        Channels that share one quantisation scale in the sketch (divides the head dim).
+    candidate_fraction, min_candidates:
+        Static capacity of the certified candidate buffer, as a fraction of the cache length (with a floor).
+        A head whose candidates overflow it is decoded densely (exact either way).
+    adaptive_slack:
+        How far below the estimated threshold a page bound may be and still be kept by ``adaptive``.
+    min_context:
+        Below this many cached tokens the sparse policies run the dense decode (sparse cannot win there).
+    max_query_len:
+        Attention sites with at most this many query positions are decode sites; longer ones (prefill)
+        stay untouched.
+    softmax_topk:
+        Opt in to rewriting *softmax* attention with the Quest-style ``topk`` policy (approximate).
+    inner_compiler:
+        What compiles the rewritten graph: ``inductor`` (default), ``aot_eager`` (fast, for tests) or
+        ``eager`` (run the rewritten FX graph as is).
+    on_unsupported:
+        ``fallback`` leaves an unsupported site dense and logs why; ``error`` raises instead.
+    """
+
+    policy: Policy = "certified"
+    page_size: int = 16
+    budget_pages: int = 64
+    sink_pages: int = 1
+    recent_pages: int = 2
+    sketch: Sketch = "int8"
+    sketch_group: int = 32
+    candidate_fraction: float = 0.08
+    min_candidates: int = 256
+    adaptive_slack: float = 0.0
+    min_context: int = 0
+    max_query_len: int = 1
+    softmax_topk: bool = False
+    inner_compiler: InnerCompiler = "inductor"
+    on_unsupported: Literal["fallback", "error"] = "fallback"
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"EntmaxKVConfig.{name}={getattr(self, name)!r}: {rule}")
+
+        if self.policy not in POLICIES:
+            raise bad("policy", f"must be one of {POLICIES}")
+        if self.sketch not in SKETCHES:
+            raise bad("sketch", f"must be one of {SKETCHES}")
+        if self.inner_compiler not in INNER_COMPILERS:
+            raise bad("inner_compiler", f"must be one of {INNER_COMPILERS}")
+        if self.on_unsupported not in ("fallback", "error"):
+            raise bad("on_unsupported", "must be 'fallback' or 'error'")
+        ps = self.page_size
+        if not isinstance(ps, int) or ps < 4 or ps > 256 or ps & (ps - 1):
+            raise bad("page_size", "must be a power of two in [4, 256]")
+        for name in ("budget_pages", "max_query_len", "min_candidates"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad(name, "must be an integer >= 1")
+        for name in ("sink_pages", "recent_pages", "min_context"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise bad(name, "must be an integer >= 0")
+        g = self.sketch_group
+        if not isinstance(g, int) or g < 8 or g & (g - 1):
+            raise bad("sketch_group", "must be a power of two >= 8")
+        if not 0.0 < self.candidate_fraction <= 1.0:
+            raise bad("candidate_fraction", "must be in (0, 1]")
+        if self.adaptive_slack < 0:
+            raise bad("adaptive_slack", "must be >= 0")
+
+    def replace(self, **changes: object) -> EntmaxKVConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def validate_alpha(alpha: float) -> float:
+    """α must be in (1, 2]; returns it as a float."""
+    a = float(alpha)
+    if not 1.0 < a <= 2.0:
+        raise ValueError(f"entmax alpha={alpha!r} is outside (1, 2]; alpha=1 is softmax, use the dense path")
+    return a
