@@ -19,8 +19,9 @@ from torch import fx
 from ..ops import entmax_op  # noqa: F401  (registers torch.ops.entmaxkv.entmax, the sites' anchor)
 
 aten = torch.ops.aten
-_CASTS = (aten.to.dtype, aten._to_copy.default, aten.type_as.default)
-_RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+# the spellings torch.export (pre-dispatch ATen) gives `.float()`/`.to(dtype)` and `view`/`reshape`
+_CASTS = (aten.to.dtype,)
+_RESHAPES = (aten.reshape.default, aten.view.default)
 
 
 @dataclass(frozen=True)
