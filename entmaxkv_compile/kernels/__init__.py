@@ -1,1 +1,1 @@
-"""kernels"""
+"""Triton kernels of the GPU decode path: metadata, scoring, τ solve, output (docs/KERNELS.md)."""

@@ -1,0 +1,133 @@
+"""Triton helpers shared by the decode kernels.
+
+Conventions: a *group* is one (batch row, KV head); its rows are the ``R = G·Lq`` query rows that read it
+(row ``r`` is query head ``kvh·G + r // Lq`` at query position ``r % Lq``), padded to ``RP ≥ 16`` rows so
+that ``tl.dot`` can score all of them in one pass. Scores are kept as ``z = (α−1)·(scale·q·k + bias)`` in
+fp32; ``−inf`` marks masked tokens and padded rows. ``F32`` kernels compute dots on fp32 operands with
+``input_precision="ieee"`` (fp32 models, and the Triton interpreter, which stores bf16 as uint16).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NEG_INF = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def cvt(x, F32: tl.constexpr):
+    """Operand of ``mm``: fp32 when ``F32``, the loaded dtype otherwise."""
+    if F32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def mm(a, b, F32: tl.constexpr):
+    """``a @ b`` with fp32 accumulation (exact products for 16-bit operands)."""
+    if F32:
+        acc = tl.dot(a, b, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b)
+    return acc
+
+
+@triton.jit
+def pow_beta(x, beta, MODE: tl.constexpr):
+    """``x^β`` for ``x ≥ 0`` (``MODE`` 2: β=1, 1: β=2, 0: any β via exp2/log2)."""
+    if MODE == 2:
+        y = x
+    elif MODE == 1:
+        y = x * x
+    else:
+        y = tl.where(x > 0, tl.exp2(beta * tl.log2(tl.maximum(x, 1e-30))), 0.0)
+    return y
+
+
+@triton.jit
+def dpow_beta(x, beta, MODE: tl.constexpr):
+    """``β·x^(β−1)`` for ``x > 0``, 0 otherwise (minus the derivative of ``pow_beta`` in τ)."""
+    if MODE == 2:
+        y = tl.where(x > 0, 1.0, 0.0)
+    elif MODE == 1:
+        y = 2.0 * x
+    else:
+        y = tl.where(x > 0, beta * tl.exp2((beta - 1.0) * tl.log2(tl.maximum(x, 1e-30))), 0.0)
+    return y
+
+
+@triton.jit
+def group_rows(kvh, G: tl.constexpr, LQ: tl.constexpr, R: tl.constexpr, RP: tl.constexpr):
+    """Row ids, row mask, query head and query position of a group's padded rows."""
+    r = tl.arange(0, RP)
+    hq = kvh * G + r // LQ
+    return r, r < R, hq, r % LQ
+
+
+@triton.jit
+def load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D: tl.constexpr):
+    """The group's queries ``[RP, D]`` in their dtype (0 for padded rows)."""
+    d = tl.arange(0, D)
+    ptr = q_ptr + b.to(tl.int64) * sqb + hq[:, None] * sqh + qp[:, None] * sql + d[None, :]
+    return tl.load(ptr, mask=rmask[:, None], other=0.0)
+
+
+@triton.jit
+def load_bias(
+    bias_base, hq, qp, rmask, pos, pmask, sbh, sbl, sbs, HAS_BIAS: tl.constexpr, BIAS_ROWS: tl.constexpr
+):
+    """Bias ``[RP, N]`` at token positions ``pos`` (fp32, −inf where masked, padded or out of range).
+
+    ``BIAS_ROWS == 1``: the bias is the same for every row of the group (loaded once as a vector).
+    """
+    if HAS_BIAS:
+        if BIAS_ROWS == 1:
+            bv = tl.load(bias_base + pos.to(tl.int64) * sbs, mask=pmask, other=NEG_INF)
+            bias = tl.where(rmask[:, None], bv[None, :], NEG_INF)
+        else:
+            ptr = bias_base + hq[:, None] * sbh + qp[:, None] * sbl + pos.to(tl.int64)[None, :] * sbs
+            bias = tl.load(ptr, mask=rmask[:, None] & pmask[None, :], other=NEG_INF)
+    else:
+        bias = tl.where(rmask[:, None] & pmask[None, :], 0.0, NEG_INF)
+    return bias
+
+
+@triton.jit
+def bracket_start(hist, zmax, beta, MODE: tl.constexpr, NB: tl.constexpr):
+    """A start ``τ₀ ≤ τ`` from a histogram of ``z`` over ``[zmax − 1, zmax)`` (``hist[i]`` tokens in bin
+    ``i`` of width ``1/NB``, entries ``≥ NB`` ignored): the largest bin edge ``e_j`` whose lower bound
+    ``Σ_{i ≥ j} n_i·((i − j)/NB)^β`` on ``Σ[z − e_j]_+^β`` still reaches 1."""
+    i = tl.arange(0, 2 * NB)
+    j = tl.arange(0, NB)
+    gap = tl.maximum((i[None, :] - j[:, None]).to(tl.float32) / NB, 0.0)
+    lb = tl.sum(
+        tl.where((i < NB)[None, :], hist[None, :].to(tl.float32) * pow_beta(gap, beta, MODE), 0.0), axis=1
+    )
+    return zmax - 1.0 + tl.max(tl.where(lb >= 1.0, j, 0)).to(tl.float32) / NB
+
+
+@triton.jit
+def solve_tau(z_ptr, n, zmax, tau0, beta, MODE: tl.constexpr, BLOCK: tl.constexpr, MAXIT: tl.constexpr):
+    """τ with ``Σ_j [z_j − τ]_+^β = 1`` over ``z_ptr[0:n]`` (fp32, −inf allowed); ``zmax = max z``.
+
+    Newton's method from ``τ₀ ≤ τ`` (e.g. ``zmax − 1``, where the sum is ≥ 1): the sum is convex and
+    decreasing in τ, so the iterates rise monotonically to the root without overshooting; α = 2 ends
+    exactly once the support is found. Rows with no finite entry get τ = 0.
+    """
+    tau = tau0
+    it = tl.full([], 0, tl.int32)
+    go = zmax > NEG_INF
+    while (it < MAXIT) & go:
+        fv = tl.zeros([BLOCK], tl.float32)
+        gv = tl.zeros([BLOCK], tl.float32)
+        for s0 in range(0, n, BLOCK):
+            o = s0 + tl.arange(0, BLOCK)
+            x = tl.maximum(tl.load(z_ptr + o, mask=o < n, other=NEG_INF) - tau, 0.0)
+            fv += pow_beta(x, beta, MODE)
+            gv += dpow_beta(x, beta, MODE)
+        step = (tl.sum(fv) - 1.0) / tl.maximum(tl.sum(gv), 1e-30)
+        go = step > 1e-7 * tl.maximum(tl.abs(tau), 1.0)
+        tau += tl.maximum(step, 0.0)
+        it += 1
+    return tl.where(zmax > NEG_INF, tau, 0.0)

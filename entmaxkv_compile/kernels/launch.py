@@ -1,0 +1,381 @@
+"""Launchers: static plans, buffers and the per-policy pipelines of kernel launches.
+
+Everything here is sized once from static shapes (the cache capacity ``S``, not the current length), so a
+decode step launches the same kernels on the same grids every time: no host sync, no length-dependent
+``constexpr``, CUDA-graph capturable. Per-group *mode* (on device) routes each KV group:
+0 = the sparse path (certified / top-k), 1 = dense from kept segments, 2 = dense from the workspace.
+
+Pipelines (each launch early-exits for groups in another mode):
+
+* ``dense``: score(exact, keep) → solve → [score(workspace) → solve(workspace)] → output
+* ``certified``: update(sketch) → score(sketch, keep) → solve(τ_low) → cand → solve → dense tail → output
+* ``topk``: update(boxes) → page scores → select → page gather → solve → dense tail → output
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import EntmaxKVConfig
+from .meta import update_kernel
+from .output import output_kernel
+from .pages import page_gather_kernel, page_score_kernel, select_kernel
+from .score import cand_kernel, score_kernel
+from .solve import solve_kernel
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAXIT = 100
+SOLVE_BLOCK = 4096
+OUT_SCAN = 1024
+OUT_BLOCK = 32
+SELECT_BLOCK = 8192
+NO_CAP = 2**31 - 1
+SKETCH_BITS = {"int8": 8, "int4": 4}
+
+
+def _p2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Static sizes of one decode site (shapes, capacities, grids)."""
+
+    b: int
+    hkv: int
+    g: int
+    lq: int
+    s: int
+    d: int
+    dv: int
+    policy: str
+    block_n: int
+    block_sk: int
+    nsplit: int
+    split_len: int
+    segcap: int
+    capc: int
+    nso: int
+    sk: int  # 0: no sketch, 1: int8, 2: int4
+    gs: int
+    ps: int
+    n_pages: int
+    bp: int
+    pages_per_split: int
+    nsplit_p: int
+    sel_cap: int
+    nsplit_t: int
+    segcap_t: int
+
+    @property
+    def bh(self) -> int:
+        return self.b * self.hkv
+
+    @property
+    def r(self) -> int:
+        return self.g * self.lq
+
+    @property
+    def rp(self) -> int:
+        return max(16, _p2(self.r))
+
+    @property
+    def cap2(self) -> int:
+        return max(self.nsplit * self.segcap, self.nsplit_t * self.segcap_t)
+
+
+def make_plan(
+    q_shape: tuple[int, ...],
+    k_shape: tuple[int, ...],
+    dv: int,
+    config: EntmaxKVConfig,
+    n_programs: int,
+    block_n: int | None = None,
+) -> Plan:
+    """Plan for ``q[B,Hq,Lq,D]``, ``k[B,Hkv,S,D]`` under ``config``; ``n_programs``: how many programs fill
+    the GPU; ``block_n``: tokens per exact-scoring tile (default by head dim; sketch tiles are twice as long
+    since a sketch row is a quarter to half of a key row)."""
+    b, hq, lq, d = q_shape
+    hkv, s = k_shape[1], k_shape[2]
+    bh = b * hkv
+    bn = block_n or (64 if d <= 128 else 32)
+    nsplit = max(1, min(_cdiv(n_programs, bh), _cdiv(s, bn)))
+    split_len = _cdiv(_cdiv(s, nsplit), 2 * bn) * 2 * bn
+    nsplit = _cdiv(s, split_len)
+    capc = max(config.min_candidates, math.ceil(config.candidate_fraction * s))
+    segcap = min(split_len, _cdiv(max(4 * bn, _cdiv(2 * capc, nsplit)), bn) * bn)
+    r = (hq // hkv) * lq
+    nso = max(1, min(64, _cdiv(n_programs, bh * r)))
+    policy = config.policy
+    sk = SKETCH_BITS[config.sketch] if policy == "certified" else 0
+    sk = {0: 0, 8: 1, 4: 2}[sk]
+    gs = max(16, min(config.sketch_group, d if sk == 1 else d // 2))
+    ps = config.page_size
+    n_pages = _cdiv(s, ps)
+    bp = 16
+    nsplit_p = max(1, min(_cdiv(n_programs, bh), _cdiv(n_pages, bp)))
+    pages_per_split = _cdiv(_cdiv(n_pages, nsplit_p), bp) * bp
+    nsplit_p = _cdiv(n_pages, pages_per_split)
+    sel_cap = config.budget_pages + config.sink_pages + config.recent_pages
+    nsplit_t = max(1, min(_cdiv(n_programs, bh), sel_cap))
+    segcap_t = _cdiv(sel_cap, nsplit_t) * ps if policy == "topk" else 0
+    return Plan(
+        b, hkv, hq // hkv, lq, s, d, dv, policy, bn, 2 * bn, nsplit, split_len, segcap, capc, nso, sk, gs, ps,
+        n_pages, bp, pages_per_split, nsplit_p, sel_cap, nsplit_t, segcap_t,
+    )  # fmt: skip
+
+
+class Scratch:
+    """Per-call working memory of a plan (shareable by all sites with the same plan on one stream).
+
+    Self-cleaning: the output kernel resets ``ticket`` and ``gmax`` so the next call finds them ready.
+    """
+
+    def __init__(self, plan: Plan, device: torch.device) -> None:
+        p, dev = plan, device
+        i32, f32 = torch.int32, torch.float32
+        nseg = p.bh * p.nsplit
+        self.seg_idx = torch.empty(nseg * p.segcap, dtype=i32, device=dev)
+        self.seg_z = torch.empty(nseg * 2 * p.r * p.segcap, dtype=f32, device=dev)
+        self.seg_cnt = torch.zeros(nseg, dtype=i32, device=dev)
+        self.seg_max = torch.empty(nseg * p.rp, dtype=f32, device=dev)
+        self.last = torch.zeros(p.bh * max(p.nsplit, p.nsplit_p), dtype=i32, device=dev)
+        self.last_tail = torch.zeros(nseg, dtype=i32, device=dev)
+        self.gmax = torch.full((p.bh * p.rp,), -math.inf, dtype=f32, device=dev)
+        self.mode = torch.zeros(p.bh, dtype=i32, device=dev)
+        self.tau_low = torch.zeros(p.bh * p.rp, dtype=f32, device=dev)
+        self.tau = torch.zeros(p.bh * p.rp, dtype=f32, device=dev)
+        rows = p.bh * p.r
+        self.list_idx = torch.empty(rows * p.cap2, dtype=i32, device=dev)
+        self.list_z = torch.empty(rows * p.cap2, dtype=f32, device=dev)
+        self.list_n = torch.zeros(rows, dtype=i32, device=dev)
+        self.ws = torch.empty(rows * p.s, dtype=f32, device=dev)
+        self.part = torch.empty(rows * p.nso * p.dv, dtype=f32, device=dev)
+        self.psum = torch.empty(rows * p.nso, dtype=f32, device=dev)
+        self.pcnt = torch.empty(rows * p.nso, dtype=i32, device=dev)
+        self.ticket = torch.zeros(rows, dtype=i32, device=dev)
+        if p.policy == "topk":
+            nt = p.bh * p.nsplit_t
+            self.tseg_idx = torch.empty(nt * p.segcap_t, dtype=i32, device=dev)
+            self.tseg_z = torch.empty(nt * 2 * p.r * p.segcap_t, dtype=f32, device=dev)
+            self.tseg_cnt = torch.zeros(nt, dtype=i32, device=dev)
+            self.tseg_max = torch.empty(nt * p.rp, dtype=f32, device=dev)
+            self.pscore = torch.empty(p.bh * p.n_pages, dtype=f32, device=dev)
+            self.sel = torch.empty(p.bh * p.sel_cap, dtype=i32, device=dev)
+            self.nsel = torch.zeros(p.bh, dtype=i32, device=dev)
+
+
+class SiteBuffers:
+    """Persistent per-site metadata (sized at the cache capacity) and the last step's statistics.
+
+    ``wm[B·Hkv]``: one past the last valid position seen (−1: rebuild on the next call).
+    ``candidates[B·Hkv]``: exact key rows the certified path gathered; ``mode[B·Hkv]``: how each group was
+    decoded (0 sparse, 1 dense, 2 dense via the workspace); ``support[B·Hq·Lq]``: support size per row.
+    """
+
+    def __init__(self, plan: Plan, device: torch.device, key_dtype: torch.dtype) -> None:
+        p, dev = plan, device
+        self.wm = torch.full((p.bh,), -1, dtype=torch.int32, device=dev)
+        self.candidates = torch.zeros(p.bh, dtype=torch.int32, device=dev)
+        self.mode = torch.zeros(p.bh, dtype=torch.int32, device=dev)
+        self.support = torch.zeros(p.bh * p.r, dtype=torch.int32, device=dev)
+        if p.sk:
+            width = p.d if p.sk == 1 else p.d // 2
+            self.codes = torch.empty(
+                p.bh * p.s * width, dtype=torch.int8 if p.sk == 1 else torch.uint8, device=dev
+            )
+            self.scales = torch.empty(p.bh * p.s * (p.d // p.gs), dtype=torch.float16, device=dev)
+            self.res = torch.empty(p.bh * p.s, dtype=torch.float32, device=dev)
+        if p.policy == "topk":
+            self.kmin = torch.empty(p.bh * p.n_pages * p.d, dtype=key_dtype, device=dev)
+            self.kmax = torch.empty(p.bh * p.n_pages * p.d, dtype=key_dtype, device=dev)
+
+    def metadata_bytes_per_token(self, plan: Plan, key_bytes: int) -> float:
+        """Metadata read per cached token and KV group by one step (sketch or page boxes)."""
+        if plan.sk:
+            return (plan.d if plan.sk == 1 else plan.d // 2) + 2 * (plan.d // plan.gs) + 4
+        if plan.policy == "topk":
+            return 2 * plan.d * key_bytes / plan.ps
+        return 0.0
+
+
+def _bias_args(bias: Tensor | None, q: Tensor) -> tuple[Tensor, tuple[int, int, int, int], int]:
+    """(tensor, broadcast strides ``(b, h, l, s)``, BIAS_ROWS) of the additive fp32 bias."""
+    if bias is None:
+        return q, (0, 0, 0, 0), 1
+    st = tuple(0 if bias.shape[i] == 1 else bias.stride(i) for i in range(3)) + (bias.stride(3),)
+    rows = 1 if st[1] == 0 and (q.shape[2] == 1 or st[2] == 0) else 0
+    return bias, st, rows
+
+
+class Step:
+    """One decode step's launch arguments (tensors, strides, scalars) for a plan."""
+
+    def __init__(
+        self, plan: Plan, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, alpha: float
+    ) -> None:
+        self.p = plan
+        self.q, self.k, self.v = q, k, v
+        self.bias, self.bst, self.bias_rows = _bias_args(bias, q)
+        self.has_bias = bias is not None
+        self.zmul = (alpha - 1.0) * scale
+        self.bmul = alpha - 1.0
+        self.beta = 1.0 / (alpha - 1.0)
+        self.mode = 2 if alpha == 2.0 else 1 if alpha == 1.5 else 0
+        self.f32 = INTERPRET or q.dtype == torch.float32
+        self.out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+
+    def common(self) -> dict:
+        p = self.p
+        return dict(G=p.g, LQ=p.lq, R=p.r, RP=p.rp)
+
+    def qkb(self) -> tuple:
+        q, k = self.q, self.k
+        return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *self.bst)
+
+    def bias_flags(self) -> dict:
+        return dict(HAS_BIAS=self.has_bias, BIAS_ROWS=self.bias_rows)
+
+
+def _score(
+    st: Step, sc: Scratch, want_mode: int, *, sketch: SiteBuffers | None = None, ws: bool = False
+) -> None:
+    """Score every token of each group in ``want_mode`` (−1: all groups, set to mode 1).
+
+    ``sketch`` given: from its key sketch, with bounds (``last`` feeds the watermark); ``ws``: write the
+    dense workspace instead of keeping segments."""
+    p, q = st.p, st.q
+    sk = p.sk if sketch is not None else 0
+    meta = (sketch.codes, sketch.scales, sketch.res) if sketch is not None else (q, q, q)
+    last = sc.last if sketch is not None else sc.last_tail
+    score_kernel[(p.bh, p.nsplit)](
+        q, st.k, st.bias, *meta, sc.seg_idx, sc.seg_z, sc.seg_cnt, sc.seg_max, last, sc.gmax, sc.ws,
+        sc.mode, *st.qkb(), p.hkv, p.s, p.s, p.split_len, p.segcap, st.zmul, st.bmul, want_mode,
+        D=p.d, BLOCK_N=p.block_sk if sk else p.block_n, SRC=sk, GS=p.gs, KEEP=not ws, WRITE_WS=ws, F32=st.f32,
+        **st.common(), **st.bias_flags(), num_warps=8 if sk else 4,
+    )  # fmt: skip
+
+
+def _solve(
+    st: Step,
+    sc: Scratch,
+    want_mode: int,
+    ovf_mode: int,
+    tau: Tensor,
+    *,
+    segs: tuple[Tensor, Tensor, Tensor, Tensor, int, int] | None = None,
+    capc: int = NO_CAP,
+    cand: Tensor | None = None,
+    from_ws: bool = False,
+    min_ctx: int = 0,
+    nlast: int = 0,
+) -> None:
+    p = st.p
+    idx, z, cnt, mx, nseg, segcap = segs or (sc.seg_idx, sc.seg_z, sc.seg_cnt, sc.seg_max, p.nsplit, p.segcap)
+    nseg_p2 = _p2(nseg)
+    solve_kernel[(p.bh, p.r)](
+        idx, z, cnt, mx, sc.ws, sc.list_idx, sc.list_z, sc.list_n, tau, sc.mode,
+        cand if cand is not None else sc.list_n, sc.last, nlast, min_ctx, p.s, nseg, segcap, p.cap2, capc,
+        st.beta, want_mode, ovf_mode, R=p.r, RP=p.rp, NSEG_P2=nseg_p2, SB=max(16, 2048 // nseg_p2),
+        BLOCK=SOLVE_BLOCK, FROM_WS=from_ws, COUNT_CAND=cand is not None, MODE=st.mode, MAXIT=MAXIT,
+        NL_P2=_p2(max(nlast, 1)), num_warps=8,
+    )  # fmt: skip
+
+
+def _dense(st: Step, sc: Scratch, first: bool) -> None:
+    """Groups in mode 1 (all groups if ``first``) decode densely from kept segments; those whose segments
+    overflow, from the dense workspace (mode 2)."""
+    _score(st, sc, -1 if first else 1)
+    _solve(st, sc, 1, 2, sc.tau)
+    _score(st, sc, 2, ws=True)
+    _solve(st, sc, 2, 2, sc.tau, from_ws=True)
+
+
+def _output(st: Step, sc: Scratch, site: SiteBuffers, nlast: int) -> None:
+    p, v, out = st.p, st.v, st.out
+    output_kernel[(p.bh * p.r, p.nso)](
+        v, out, sc.ws, sc.list_idx, sc.list_z, sc.list_n, sc.tau, sc.mode, sc.part, sc.psum, sc.pcnt,
+        sc.ticket, sc.gmax, site.support, site.mode, site.wm, sc.last, v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), p.hkv, p.s, p.cap2, st.beta, nlast,
+        DV=p.dv, BLOCK=OUT_BLOCK, SCAN=OUT_SCAN, NSO_P2=_p2(p.nso), NL_P2=_p2(max(nlast, 1)), MODE=st.mode,
+        HAS_WM=nlast > 0, **st.common(),
+    )  # fmt: skip
+
+
+def _update(st: Step, site: SiteBuffers, sc: Scratch) -> None:
+    p, k = st.p, st.k
+    box = p.policy == "topk"
+    sk = (site.codes, site.scales, site.res) if p.sk else (site.wm,) * 3
+    update_kernel[(p.bh, p.nsplit)](
+        k, st.bias, site.wm, sc.mode, *sk, site.kmin if box else k, site.kmax if box else k,
+        k.stride(0), k.stride(1), k.stride(2), *st.bst, p.hkv, p.s, p.s, p.n_pages,
+        D=p.d, GS=p.gs, SK=p.sk, BOX=box, PS=p.ps, BT=32, BPG=max(1, 64 // p.ps),
+        **st.common(), **st.bias_flags(),
+    )  # fmt: skip
+
+
+def decode(
+    plan: Plan,
+    scratch: Scratch,
+    site: SiteBuffers,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    scale: float,
+    alpha: float,
+    config: EntmaxKVConfig,
+) -> Tensor:
+    """One decode step of ``plan.policy``; returns ``out[B,Hq,Lq,Dv]`` (``q.dtype``).
+
+    ``q``, ``k``, ``v`` need a unit stride on their last dim; ``bias`` is fp32 ``[B|1,Hq|1,Lq|1,S]``.
+    """
+    p, sc = plan, scratch
+    st = Step(p, q, k, v, bias, scale, alpha)
+    if p.policy == "dense":
+        _dense(st, sc, first=True)
+        _output(st, sc, site, 0)
+        return st.out
+    _update(st, site, sc)
+    if p.policy == "certified":
+        _score(st, sc, 0, sketch=site)
+        _solve(st, sc, 0, 1, sc.tau_low, min_ctx=config.min_context, nlast=p.nsplit)
+        cand_kernel[(p.bh, p.nsplit)](
+            q, k, st.bias, sc.seg_idx, sc.seg_z, sc.seg_cnt, sc.seg_max, sc.tau_low, sc.mode, *st.qkb(),
+            p.hkv, p.segcap, st.zmul, st.bmul, D=p.d, BLOCK_N=p.block_n, F32=st.f32,
+            **st.common(), **st.bias_flags(),
+        )  # fmt: skip
+        _solve(st, sc, 0, 1, sc.tau, capc=p.capc, cand=site.candidates)
+        nlast = p.nsplit
+    else:
+        page_score_kernel[(p.bh, p.nsplit_p)](
+            q, site.kmin, site.kmax, st.bias, sc.pscore, sc.last, q.stride(0), q.stride(1), q.stride(2),
+            *st.bst, p.hkv, p.s, p.n_pages, p.n_pages, p.pages_per_split, st.zmul, st.bmul,
+            2.0 * (2 * p.d + 4) * 2.0**-24, D=p.d, PS=p.ps, BP=p.bp, F32=st.f32,
+            **st.common(), **st.bias_flags(),
+        )  # fmt: skip
+        select_kernel[(p.bh,)](
+            sc.pscore, sc.last, sc.sel, sc.nsel, sc.mode, p.n_pages, p.n_pages, p.sel_cap, p.nsplit_p,
+            config.budget_pages, config.sink_pages, config.recent_pages, config.min_context,
+            PS=p.ps, BLOCK=SELECT_BLOCK, NL_P2=_p2(p.nsplit_p), num_warps=16,
+        )  # fmt: skip
+        page_gather_kernel[(p.bh, p.nsplit_t)](
+            q, k, st.bias, sc.sel, sc.nsel, sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, *st.qkb(),
+            p.hkv, p.s, p.sel_cap, p.segcap_t, st.zmul, st.bmul, D=p.d, PS=p.ps, BPG=max(1, 64 // p.ps),
+            F32=st.f32, **st.common(), **st.bias_flags(),
+        )  # fmt: skip
+        segs = (sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, p.nsplit_t, p.segcap_t)
+        _solve(st, sc, 0, 1, sc.tau, segs=segs)
+        nlast = p.nsplit_p
+    _dense(st, sc, first=False)
+    _output(st, sc, site, nlast)
+    return st.out

@@ -1,0 +1,159 @@
+"""Per-cache metadata, kept up to date incrementally: key sketches and page boxes.
+
+``update_kernel`` (grid ``[B·Hkv, NU]``) reads the group's watermark ``wm`` (one past the last valid
+position seen by the previous call, −1 = rebuild) and decides on device what to (re)build:
+
+* rebuild everything when ``wm < 0``, when position ``wm − 1`` is no longer valid (the sequence got
+  shorter: a new one started) or when position ``wm + Lq`` is already valid (more than one step's worth
+  of tokens appeared: a new prefill);
+* otherwise only the window ``[wm − Lq, wm + Lq)``, which holds every position a decode step of ``Lq``
+  query tokens can have written.
+
+Sketch (``SK`` 1: int8, 2: int4): per token and channel group of ``GS``, ``step = max|k|/qmax`` stored in
+fp16, ``code = round(k/step)``, and the residual ``r = ‖k − k̂‖₂`` inflated by the fp32 rounding slack
+``γ·(2‖k̂‖₂ + r)`` (``γ = 2(D+2)·2⁻²⁴``) so ``|fl(q·k) − fl(q·k̂)| ≤ ‖q‖₂·r`` holds for computed scores.
+Any step gives a valid bound because ``r`` is measured against the stored reconstruction.
+Boxes (``BOX``): element-wise min/max over a page's valid keys, in the key dtype (exact); +inf/−inf for a
+page without valid tokens. The output kernel advances ``wm`` at the end of the call.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import NEG_INF, group_rows, load_bias
+
+
+@triton.jit
+def _quantize(x, BT: tl.constexpr, W: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr):
+    """Codes ``[BT, W]`` (fp32 integers), fp16 steps ``[BT, W/GS]``, ``Σ(x−x̂)²`` and ``Σx̂²`` per row."""
+    xg = tl.reshape(x, [BT, W // GS, GS])
+    step = tl.minimum(tl.max(tl.abs(xg), axis=2) / QMAX, 65504.0).to(tl.float16)
+    sf = step.to(tl.float32)[:, :, None]
+    code = tl.floor(xg / tl.where(sf > 0, sf, 1.0) + 0.5)
+    code = tl.where(sf > 0, tl.minimum(tl.maximum(code, -QMAX), QMAX), 0.0)
+    xh = code * sf
+    err = tl.sum(tl.sum((xg - xh) * (xg - xh), axis=2), axis=1)
+    nrm = tl.sum(tl.sum(xh * xh, axis=2), axis=1)
+    return tl.reshape(code, [BT, W]), step, err, nrm
+
+
+@triton.jit
+def _valid_at(
+    bias_base, hq, qp, rmask, pos, S, sbh, sbl, sbs, HAS_BIAS: tl.constexpr, BIAS_ROWS: tl.constexpr
+):
+    """Whether any row of the group may attend position ``pos`` (a scalar; out of range → False)."""
+    p = pos + tl.zeros([2], tl.int32)
+    bias = load_bias(bias_base, hq, qp, rmask, p, (p >= 0) & (p < S), sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
+    return tl.max(tl.max(bias, axis=1), axis=0) > NEG_INF
+
+
+@triton.jit
+def update_kernel(
+    k_ptr,
+    bias_ptr,
+    wm_ptr,
+    mode_ptr,
+    code_ptr,
+    scale_ptr,
+    res_ptr,
+    kmin_ptr,
+    kmax_ptr,
+    skb,
+    skh,
+    sks,
+    sbb,
+    sbh,
+    sbl,
+    sbs,
+    Hkv,
+    S,
+    cap,
+    pcap,
+    G: tl.constexpr,
+    LQ: tl.constexpr,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    D: tl.constexpr,
+    GS: tl.constexpr,
+    SK: tl.constexpr,
+    BOX: tl.constexpr,
+    PS: tl.constexpr,
+    BT: tl.constexpr,
+    BPG: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BIAS_ROWS: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    pid = tl.program_id(1)
+    nu = tl.num_programs(1)
+    b = bh // Hkv
+    kvh = bh % Hkv
+    bh64 = bh.to(tl.int64)
+    r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RP)
+    bias_base = bias_ptr + b.to(tl.int64) * sbb
+    k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
+    wm = tl.load(wm_ptr + bh)
+    kept_prev = _valid_at(bias_base, hq, qp, rmask, wm - 1, S, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
+    shrunk = (wm > 0) & (kept_prev == 0)
+    jumped = _valid_at(bias_base, hq, qp, rmask, wm + LQ, S, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
+    rebuild = (wm < 0) | shrunk | jumped
+    lo = tl.where(rebuild, 0, tl.maximum(wm - LQ, 0))
+    hi = tl.where(rebuild, S, tl.minimum(wm + LQ, S))
+    if pid == 0:
+        tl.store(mode_ptr + bh, 0)
+    if SK != 0:
+        NG: tl.constexpr = D // GS
+        g = tl.arange(0, NG // SK)
+        d = tl.arange(0, D)
+        for t0 in range(lo + pid * BT, hi, nu * BT):
+            pos = t0 + tl.arange(0, BT)
+            p64 = pos.to(tl.int64)
+            pm = pos < hi
+            sptr = scale_ptr + (bh64 * cap + p64)[:, None] * NG + g[None, :]
+            if SK == 1:
+                kt = tl.load(k_base + p64[:, None] * sks + d[None, :], mask=pm[:, None], other=0.0).to(
+                    tl.float32
+                )
+                code, step, err, nrm = _quantize(kt, BT, D, GS, 127.0)
+                tl.store(
+                    code_ptr + (bh64 * cap + p64)[:, None] * D + d[None, :],
+                    code.to(tl.int8),
+                    mask=pm[:, None],
+                )
+                tl.store(sptr, step, mask=pm[:, None])
+            else:
+                h = tl.arange(0, D // 2)
+                kp = k_base + p64[:, None] * sks + h[None, :]
+                klo = tl.load(kp, mask=pm[:, None], other=0.0).to(tl.float32)
+                khi = tl.load(kp + D // 2, mask=pm[:, None], other=0.0).to(tl.float32)
+                clo, slo, elo, nlo = _quantize(klo, BT, D // 2, GS, 7.0)
+                chi, shi, ehi, nhi = _quantize(khi, BT, D // 2, GS, 7.0)
+                packed = (clo.to(tl.int32) + 8) | ((chi.to(tl.int32) + 8) << 4)
+                cptr = code_ptr + (bh64 * cap + p64)[:, None] * (D // 2) + h[None, :]
+                tl.store(cptr, packed.to(tl.uint8), mask=pm[:, None])
+                tl.store(sptr, slo, mask=pm[:, None])
+                tl.store(sptr + NG // 2, shi, mask=pm[:, None])
+                err = elo + ehi
+                nrm = nlo + nhi
+            res = tl.sqrt(err)
+            gamma: tl.constexpr = 2.0 * (D + 2) * 5.9604644775390625e-08
+            tl.store(res_ptr + bh64 * cap + p64, res + gamma * (2.0 * tl.sqrt(nrm) + res), mask=pm)
+    if BOX:
+        d = tl.arange(0, D)
+        j = tl.arange(0, BPG * PS)
+        for p0 in range(lo // PS + pid * BPG, tl.cdiv(hi, PS), nu * BPG):
+            pos = p0 * PS + j
+            bias = load_bias(bias_base, hq, qp, rmask, pos, pos < S, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
+            tv = tl.max(bias, axis=0) > NEG_INF
+            kt = tl.load(k_base + pos.to(tl.int64)[:, None] * sks + d[None, :], mask=tv[:, None], other=0.0)
+            k3 = tl.reshape(kt.to(tl.float32), [BPG, PS, D])
+            t3 = tl.reshape(tv, [BPG, PS])[:, :, None]
+            kmn = tl.min(tl.where(t3, k3, float("inf")), axis=1)
+            kmx = tl.max(tl.where(t3, k3, NEG_INF), axis=1)
+            pg = p0 + tl.arange(0, BPG)
+            off = (bh64 * pcap + pg)[:, None] * D + d[None, :]
+            pm = (pg < tl.cdiv(S, PS))[:, None]
+            tl.store(kmin_ptr + off, kmn.to(kmin_ptr.dtype.element_ty), mask=pm)
+            tl.store(kmax_ptr + off, kmx.to(kmax_ptr.dtype.element_ty), mask=pm)

@@ -1,0 +1,130 @@
+"""Output: ``Σ_j p_j·v_j / Σ_j p_j`` with ``p_j = [z_j − τ]_+^β``, V rows read only for the support.
+
+Grid ``[rows, NSO]``: each program takes a slice of its row's list (or of its dense workspace row when the
+group is in mode 2), scans it ``SCAN`` entries at a time, gathers the V rows of the support tokens of the
+chunks that hold any (``BLOCK`` rows at a time) and writes fp32 partials. The last program
+of a row to finish (a ticket counter) sums the partials in a fixed order, normalises, writes the output
+and the row's support size, and resets the row's ticket and running maximum for the next call.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import NEG_INF, pow_beta
+
+
+@triton.jit
+def output_kernel(
+    v_ptr,
+    out_ptr,
+    ws_ptr,
+    list_idx_ptr,
+    list_z_ptr,
+    list_n_ptr,
+    tau_ptr,
+    mode_ptr,
+    part_ptr,
+    psum_ptr,
+    pcnt_ptr,
+    ticket_ptr,
+    gmax_ptr,
+    support_ptr,
+    stat_mode_ptr,
+    wm_ptr,
+    last_ptr,
+    svb,
+    svh,
+    svs,
+    sob,
+    soh,
+    sol,
+    Hkv,
+    S,
+    cap2,
+    beta,
+    nlast,
+    G: tl.constexpr,
+    LQ: tl.constexpr,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SCAN: tl.constexpr,
+    NSO_P2: tl.constexpr,
+    NL_P2: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_WM: tl.constexpr,
+):
+    row = tl.program_id(0)
+    sp = tl.program_id(1)
+    nso = tl.num_programs(1)
+    row64 = row.to(tl.int64)
+    bh = row // R
+    r = row % R
+    b = bh // Hkv
+    kvh = bh % Hkv
+    m = tl.load(mode_ptr + bh)
+    tau = tl.load(tau_ptr + bh.to(tl.int64) * RP + r)
+    use_ws = m == 2
+    if use_ws:
+        z_row = ws_ptr + row64 * S
+        n = S
+    else:
+        z_row = list_z_ptr + row64 * cap2
+        n = tl.load(list_n_ptr + row)
+    idx_row = list_idx_ptr + row64 * cap2
+    chunk = tl.cdiv(n, nso)
+    lo = sp * chunk
+    hi = tl.minimum(lo + chunk, n)
+    dv = tl.arange(0, DV)
+    v_base = v_ptr + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
+    acc = tl.zeros([DV], tl.float32)
+    pv = tl.zeros([SCAN], tl.float32)
+    cv = tl.zeros([SCAN], tl.int32)
+    for c0 in range(lo, hi, SCAN):
+        o = c0 + tl.arange(0, SCAN)
+        p = pow_beta(tl.maximum(tl.load(z_row + o, mask=o < hi, other=NEG_INF) - tau, 0.0), beta, MODE)
+        pv += p
+        cv += (p > 0).to(tl.int32)
+        if tl.sum((p > 0).to(tl.int32)) > 0:  # gather V rows only inside chunks holding support tokens
+            for s0 in range(c0, tl.minimum(c0 + SCAN, hi), BLOCK):
+                ob = s0 + tl.arange(0, BLOCK)
+                pb = pow_beta(
+                    tl.maximum(tl.load(z_row + ob, mask=ob < hi, other=NEG_INF) - tau, 0.0), beta, MODE
+                )
+                sup = pb > 0
+                if tl.sum(sup.to(tl.int32)) > 0:
+                    idx = tl.where(use_ws, ob, tl.load(idx_row + ob, mask=sup & (ob < cap2), other=0))
+                    vptr = v_base + idx.to(tl.int64)[:, None] * svs + dv[None, :]
+                    vt = tl.load(vptr, mask=sup[:, None], other=0.0)
+                    acc += tl.sum(pb[:, None] * vt.to(tl.float32), axis=0)
+    pslot = row64 * nso + sp
+    tl.store(part_ptr + pslot * DV + dv, acc)
+    tl.store(psum_ptr + pslot, tl.sum(pv))
+    tl.store(pcnt_ptr + pslot, tl.sum(cv))
+    tl.debug_barrier()
+    if tl.atomic_add(ticket_ptr + row, 1) == nso - 1:
+        j = tl.arange(0, NSO_P2)
+        jm = j < nso
+        jp = row64 * nso + j
+        parts = tl.load(
+            part_ptr + jp[:, None] * DV + dv[None, :], mask=jm[:, None], other=0.0, cache_modifier=".cg"
+        )
+        tot = tl.sum(parts, axis=0)
+        ps = tl.sum(tl.load(psum_ptr + jp, mask=jm, other=0.0, cache_modifier=".cg"))
+        pc = tl.sum(tl.load(pcnt_ptr + jp, mask=jm, other=0, cache_modifier=".cg"))
+        res = tl.where(ps > 0, tot / tl.maximum(ps, 1e-30), 0.0)
+        hq = kvh * G + r // LQ
+        optr = out_ptr + b.to(tl.int64) * sob + hq * soh + (r % LQ) * sol + dv
+        tl.store(optr, res.to(out_ptr.dtype.element_ty))
+        tl.store(support_ptr + row, pc)
+        tl.store(ticket_ptr + row, 0)
+        tl.store(gmax_ptr + bh.to(tl.int64) * RP + r, NEG_INF)
+        if r == 0:
+            tl.store(stat_mode_ptr + bh, m)
+            if HAS_WM:
+                li = tl.arange(0, NL_P2)
+                lv = tl.load(last_ptr + bh.to(tl.int64) * nlast + li, mask=li < nlast, other=0)
+                tl.store(wm_ptr + bh, tl.max(lv))

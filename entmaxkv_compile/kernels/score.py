@@ -1,0 +1,272 @@
+"""Scoring kernels: one pass over a group's tokens computing fp32 ``z`` for all its rows at once.
+
+``score_kernel`` (grid ``[B·Hkv, NSPLIT]``, one token range per program) scores every token of its range
+from the exact keys (``SRC == 0``) or from a key sketch (``SRC`` 1: int8, 2: int4) with a per-token bound
+``[z_lo, z_hi]``. With ``KEEP`` it keeps the tokens that can matter (``z_hi > M̃ − 1`` for some row,
+``M̃ ≤ max z_lo`` a running maximum shared by all programs of the group through ``gmax``; τ ≥ max z − 1
+makes every other token irrelevant) in the program's *segment* ``(idx, z_lo[, z_hi])`` of static
+capacity ``segcap`` (a count past it marks an overflow). With ``WRITE_WS`` it writes every ``z`` to the
+dense workspace instead (the overflow fallback). ``cand_kernel`` turns a sketch segment into a segment of
+exact scores: it keeps the tokens whose upper bound beats ``τ_low`` (the threshold of the lower bounds,
+which is ≤ τ by monotonicity), gathers their exact key rows and compacts them in place.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm
+
+
+@triton.jit
+def _sketch_scores(
+    q_ptr,
+    b,
+    hq,
+    qp,
+    rmask,
+    sqb,
+    sqh,
+    sql,
+    code_base,
+    scale_base,
+    pos,
+    pmask,
+    RP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SRC: tl.constexpr,
+    GS: tl.constexpr,
+    F32: tl.constexpr,
+):
+    """``q·k̂`` ``[RP, BLOCK_N]`` from int8 codes ``[S, D]`` or int4 codes ``[S, D/2]`` (byte ``j`` holds
+    channel ``j`` in its low and ``j + D/2`` in its high nibble, each stored ``+8``) and fp16 scales
+    ``[S, D/GS]``. Codes are exact in 16-bit floats, so each group's dot is exact up to fp32 summation."""
+    p64 = pos.to(tl.int64)
+    acc = tl.zeros([RP, BLOCK_N], tl.float32)
+    c = tl.arange(0, GS)
+    q_row = q_ptr + b.to(tl.int64) * sqb + hq[:, None] * sqh + qp[:, None] * sql + c[None, :]
+    if SRC == 1:
+        NG: tl.constexpr = D // GS
+        for g in tl.static_range(NG):
+            codes = tl.load(code_base + p64[:, None] * D + g * GS + c[None, :], mask=pmask[:, None], other=0)
+            qg = cvt(tl.load(q_row + g * GS, mask=rmask[:, None], other=0.0), F32)
+            sc = tl.load(scale_base + p64 * NG + g, mask=pmask, other=0.0).to(tl.float32)
+            acc += mm(qg, tl.trans(codes.to(qg.dtype)), F32) * sc[None, :]
+    else:
+        NH: tl.constexpr = D // (2 * GS)
+        for g in tl.static_range(NH):
+            packed = tl.load(
+                code_base + p64[:, None] * (D // 2) + g * GS + c[None, :], mask=pmask[:, None], other=136
+            ).to(tl.int32)
+            ql = cvt(tl.load(q_row + g * GS, mask=rmask[:, None], other=0.0), F32)
+            qh = cvt(tl.load(q_row + (D // 2 + g * GS), mask=rmask[:, None], other=0.0), F32)
+            sl = tl.load(scale_base + p64 * (2 * NH) + g, mask=pmask, other=0.0).to(tl.float32)
+            sh = tl.load(scale_base + p64 * (2 * NH) + (NH + g), mask=pmask, other=0.0).to(tl.float32)
+            lo = ((packed & 15) - 8).to(ql.dtype)
+            hi = ((packed >> 4) - 8).to(ql.dtype)
+            acc += mm(ql, tl.trans(lo), F32) * sl[None, :] + mm(qh, tl.trans(hi), F32) * sh[None, :]
+    return acc
+
+
+@triton.jit
+def score_kernel(
+    q_ptr,
+    k_ptr,
+    bias_ptr,
+    code_ptr,
+    scale_ptr,
+    res_ptr,
+    seg_idx_ptr,
+    seg_z_ptr,
+    seg_cnt_ptr,
+    seg_max_ptr,
+    last_ptr,
+    gmax_ptr,
+    ws_ptr,
+    mode_ptr,
+    sqb,
+    sqh,
+    sql,
+    skb,
+    skh,
+    sks,
+    sbb,
+    sbh,
+    sbl,
+    sbs,
+    Hkv,
+    S,
+    sk_cap,
+    split_len,
+    segcap,
+    zmul,
+    bmul,
+    want_mode,
+    G: tl.constexpr,
+    LQ: tl.constexpr,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SRC: tl.constexpr,
+    GS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BIAS_ROWS: tl.constexpr,
+    KEEP: tl.constexpr,
+    WRITE_WS: tl.constexpr,
+    F32: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    nsp = tl.num_programs(1)
+    if (want_mode < 0) & (sp == 0):
+        tl.store(mode_ptr + bh, -want_mode)  # a pipeline's first kernel sets the group's mode
+    if (want_mode < 0) | (tl.load(mode_ptr + bh) == want_mode):
+        b = bh // Hkv
+        kvh = bh % Hkv
+        bh64 = bh.to(tl.int64)
+        r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RP)
+        bias_base = bias_ptr + b.to(tl.int64) * sbb
+        if SRC == 0:
+            qc = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
+            k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
+            d = tl.arange(0, D)
+        else:
+            qf = load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D).to(tl.float32)
+            emul = zmul * tl.sqrt(tl.sum(qf * qf, axis=1))  # (α−1)·scale·‖q‖₂ per row
+            if SRC == 1:
+                code_base = code_ptr + bh64 * sk_cap * D
+            else:
+                code_base = code_ptr + bh64 * sk_cap * (D // 2)
+            scale_base = scale_ptr + bh64 * sk_cap * (D // GS)
+        seg = bh64 * nsp + sp
+        idx_base = seg_idx_ptr + seg * segcap
+        zlo_base = seg_z_ptr + seg * 2 * R * segcap
+        start = sp * split_len
+        end = tl.minimum(start + split_len, S)
+        runmax = tl.full([RP], NEG_INF, tl.float32)
+        known = tl.full([RP], NEG_INF, tl.float32)
+        cnt = tl.full([], 0, tl.int32)
+        last = tl.full([], 0, tl.int32)
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            inr = pos < end
+            bias = load_bias(bias_base, hq, qp, rmask, pos, inr, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
+            tokv = tl.max(bias, axis=0) > NEG_INF
+            if SRC == 0:
+                kt = tl.load(
+                    k_base + pos.to(tl.int64)[:, None] * sks + d[None, :], mask=tokv[:, None], other=0.0
+                )
+                zlo = mm(qc, tl.trans(cvt(kt, F32)), F32) * zmul + bias * bmul
+                zhi = zlo
+            else:
+                qk = _sketch_scores(
+                    q_ptr, b, hq, qp, rmask, sqb, sqh, sql, code_base, scale_base, pos, tokv, RP, D, BLOCK_N,
+                    SRC, GS, F32,
+                )  # fmt: skip
+                res = tl.load(res_ptr + bh64 * sk_cap + pos, mask=tokv, other=0.0)
+                zc = qk * zmul + bias * bmul
+                eps = emul[:, None] * res[None, :]
+                zlo = zc - eps
+                zhi = zc + eps
+            tmax = tl.max(zlo, axis=1)
+            runmax = tl.maximum(runmax, tmax)
+            last = tl.maximum(last, tl.max(tl.where(tokv, pos + 1, 0)))
+            if KEEP:
+                old = tl.atomic_max(gmax_ptr + bh64 * RP + r, tmax, mask=rmask)
+                thr = tl.maximum(known, runmax) - 1.0
+                known = tl.maximum(known, tl.where(rmask, old, NEG_INF))
+                keep = tl.sum((zhi > thr[:, None]).to(tl.int32), axis=0) > 0
+                ki = keep.to(tl.int32)
+                slot = cnt + tl.cumsum(ki, 0) - 1
+                ok = keep & (slot < segcap)
+                tl.store(idx_base + slot, pos, mask=ok)
+                zptr = zlo_base + r[:, None] * segcap + slot[None, :]
+                tl.store(zptr, zlo, mask=rmask[:, None] & ok[None, :])
+                if SRC != 0:
+                    tl.store(zptr + R * segcap, zhi, mask=rmask[:, None] & ok[None, :])
+                cnt += tl.sum(ki)
+            if WRITE_WS:
+                wptr = ws_ptr + (bh64 * R + r[:, None]) * S + pos[None, :]
+                tl.store(wptr, zlo, mask=rmask[:, None] & inr[None, :])
+        tl.store(seg_cnt_ptr + seg, cnt)
+        tl.store(seg_max_ptr + seg * RP + r, runmax)
+        tl.store(last_ptr + seg, last)
+
+
+@triton.jit
+def cand_kernel(
+    q_ptr,
+    k_ptr,
+    bias_ptr,
+    seg_idx_ptr,
+    seg_z_ptr,
+    seg_cnt_ptr,
+    seg_max_ptr,
+    tau_low_ptr,
+    mode_ptr,
+    sqb,
+    sqh,
+    sql,
+    skb,
+    skh,
+    sks,
+    sbb,
+    sbh,
+    sbl,
+    sbs,
+    Hkv,
+    segcap,
+    zmul,
+    bmul,
+    G: tl.constexpr,
+    LQ: tl.constexpr,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BIAS_ROWS: tl.constexpr,
+    F32: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    if tl.load(mode_ptr + bh) == 0:
+        b = bh // Hkv
+        kvh = bh % Hkv
+        bh64 = bh.to(tl.int64)
+        r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RP)
+        qc = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
+        k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
+        bias_base = bias_ptr + b.to(tl.int64) * sbb
+        d = tl.arange(0, D)
+        tau_low = tl.load(tau_low_ptr + bh64 * RP + r, mask=rmask, other=float("inf"))
+        seg = bh64 * tl.num_programs(1) + sp
+        idx_base = seg_idx_ptr + seg * segcap
+        z_base = seg_z_ptr + seg * 2 * R * segcap
+        n = tl.minimum(tl.load(seg_cnt_ptr + seg), segcap)
+        cnt = tl.full([], 0, tl.int32)
+        zmax = tl.full([RP], NEG_INF, tl.float32)
+        for s0 in range(0, n, BLOCK_N):
+            sl = s0 + tl.arange(0, BLOCK_N)
+            inr = sl < n
+            pos = tl.load(idx_base + sl, mask=inr, other=0)
+            zhi = tl.load(
+                z_base + (R + r[:, None]) * segcap + sl[None, :],
+                mask=rmask[:, None] & inr[None, :],
+                other=NEG_INF,
+            )
+            cand = (tl.sum((zhi > tau_low[:, None]).to(tl.int32), axis=0) > 0) & inr
+            bias = load_bias(bias_base, hq, qp, rmask, pos, cand, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
+            kt = tl.load(k_base + pos.to(tl.int64)[:, None] * sks + d[None, :], mask=cand[:, None], other=0.0)
+            z = mm(qc, tl.trans(cvt(kt, F32)), F32) * zmul + bias * bmul
+            ci = cand.to(tl.int32)
+            slot = cnt + tl.cumsum(ci, 0) - 1  # ≤ sl: compacting in place never overtakes the reads
+            tl.store(idx_base + slot, pos, mask=cand)
+            tl.store(z_base + r[:, None] * segcap + slot[None, :], z, mask=rmask[:, None] & cand[None, :])
+            cnt += tl.sum(ci)
+            zmax = tl.maximum(zmax, tl.max(z, axis=1))
+        tl.store(seg_cnt_ptr + seg, cnt)
+        tl.store(seg_max_ptr + seg * RP + r, zmax)

@@ -1,0 +1,103 @@
+"""Threshold solve: one program per (group, row) finds τ of the row.
+
+Input: the group's segments (``NSEG`` of them, each ``(idx[segcap], z[R, segcap])`` with a count and a
+per-row maximum), or the dense workspace row (``FROM_WS``). Only entries with ``z > M − 1`` (``M`` the
+row maximum) can be in the support, so the program first compacts those into the row's *list*
+(``list_idx``, ``list_z``, ``list_n``), histogramming them on the way, and runs Newton on the list
+(:func:`common.solve_tau`) from the histogram's bracket (:func:`common.bracket_start`); the output
+kernel reads the same list. A group whose segments overflowed (count > ``segcap``), whose total count
+exceeds ``capc`` or whose valid length (from the scoring pass's ``last`` positions) is below ``min_ctx``
+is switched to ``ovf_mode`` instead (every row reaches the same verdict).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import NEG_INF, bracket_start, solve_tau
+
+NB: tl.constexpr = tl.constexpr(64)
+
+
+@triton.jit
+def solve_kernel(
+    seg_idx_ptr,
+    seg_z_ptr,
+    seg_cnt_ptr,
+    seg_max_ptr,
+    ws_ptr,
+    list_idx_ptr,
+    list_z_ptr,
+    list_n_ptr,
+    tau_ptr,
+    mode_ptr,
+    cand_ptr,
+    last_ptr,
+    nlast,
+    min_ctx,
+    S,
+    nseg,
+    segcap,
+    cap2,
+    capc,
+    beta,
+    want_mode,
+    ovf_mode,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    NSEG_P2: tl.constexpr,
+    SB: tl.constexpr,
+    BLOCK: tl.constexpr,
+    FROM_WS: tl.constexpr,
+    COUNT_CAND: tl.constexpr,
+    MODE: tl.constexpr,
+    MAXIT: tl.constexpr,
+    NL_P2: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    r = tl.program_id(1)
+    if tl.load(mode_ptr + bh) == want_mode:
+        bh64 = bh.to(tl.int64)
+        segs = tl.arange(0, NSEG_P2)
+        smask = segs < nseg
+        seg = bh64 * nseg + segs
+        zmax = tl.max(tl.load(seg_max_ptr + seg * RP + r, mask=smask, other=NEG_INF))
+        row = bh64 * R + r
+        if FROM_WS:
+            tau = solve_tau(ws_ptr + row * S, S, zmax, zmax - 1.0, beta, MODE, BLOCK, MAXIT)
+            tl.store(tau_ptr + bh64 * RP + r, tau)
+        else:
+            cnts = tl.load(seg_cnt_ptr + seg, mask=smask, other=0)
+            total = tl.sum(cnts)
+            li = tl.arange(0, NL_P2)
+            length = tl.max(tl.load(last_ptr + bh64 * nlast + li, mask=li < nlast, other=0))
+            if (tl.max(cnts) > segcap) | (total > capc) | (length < min_ctx):
+                tl.store(mode_ptr + bh, ovf_mode)
+            else:
+                if COUNT_CAND and r == 0:
+                    tl.store(cand_ptr + bh, total)
+                sl0 = tl.arange(0, SB)
+                n = tl.full([], 0, tl.int32)
+                hist = tl.zeros([2 * NB], tl.int32)
+                for s0 in range(0, tl.max(cnts), SB):
+                    sl = s0 + sl0
+                    m2 = smask[:, None] & (sl[None, :] < cnts[:, None])
+                    z = tl.load(
+                        seg_z_ptr + (seg[:, None] * 2 * R + r) * segcap + sl[None, :], mask=m2, other=NEG_INF
+                    )
+                    keep = z > zmax - 1.0
+                    ki = keep.to(tl.int32)
+                    kc = tl.sum(ki, axis=1)
+                    slot = n + (tl.cumsum(kc, 0) - kc)[:, None] + tl.cumsum(ki, 1) - 1
+                    idx = tl.load(seg_idx_ptr + seg[:, None] * segcap + sl[None, :], mask=keep, other=0)
+                    tl.store(list_idx_ptr + row * cap2 + slot, idx, mask=keep)
+                    tl.store(list_z_ptr + row * cap2 + slot, z, mask=keep)
+                    n += tl.sum(kc)
+                    b_i = tl.minimum(((z - (zmax - 1.0)) * NB).to(tl.int32), NB - 1)
+                    b_i = tl.where(keep, b_i, NB + (sl[None, :] % NB))
+                    hist += tl.histogram(tl.reshape(b_i, [NSEG_P2 * SB]), 2 * NB)
+                tl.store(list_n_ptr + row, n)
+                tau0 = bracket_start(hist, zmax, beta, MODE, NB)
+                tau = solve_tau(list_z_ptr + row * cap2, n, zmax, tau0, beta, MODE, BLOCK, MAXIT)
+                tl.store(tau_ptr + bh64 * RP + r, tau)

@@ -1,0 +1,156 @@
+"""CUDA implementation of ``entmaxkv::decode_attn``: per-site state and the Triton pipelines.
+
+Each rewritten site (``site`` id) owns :class:`~entmaxkv_compile.kernels.launch.SiteBuffers` sized at the
+cache capacity: key sketches (``certified``) or page boxes (``topk``), a device watermark per KV group,
+and the last step's statistics. The metadata is updated incrementally on device (see
+:mod:`entmaxkv_compile.kernels.meta`); it is rebuilt when the cache tensor changes (``data_ptr``, shape,
+strides or dtype — checked on the host, so not during CUDA-graph replay), when a group's sequence gets
+shorter or jumps ahead by more than one step (checked on device), and after :func:`reset_all`.
+Working memory (:class:`~entmaxkv_compile.kernels.launch.Scratch`) is shared by sites with the same plan.
+
+Anything the kernels do not cover returns ``None`` (the op then runs the reference) with the reason
+logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import SUPPORTED_HEAD_DIMS, EntmaxKVConfig
+from ..kernels.launch import Plan, Scratch, SiteBuffers, decode, make_plan
+
+log = logging.getLogger("entmaxkv_compile")
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_ROWS = 64  # query rows per KV group (G·Lq) the kernels score in one tile
+PROGRAMS_PER_SM = 4
+
+_logged: set[str] = set()
+_scratch: dict[tuple[torch.device, Plan], Scratch] = {}
+
+
+@dataclass
+class SiteState:
+    plan: Plan
+    cache_key: tuple
+    buffers: SiteBuffers
+
+
+_sites: dict[int, SiteState] = {}
+
+
+def _skip(reason: str) -> None:
+    if reason not in _logged:
+        _logged.add(reason)
+        log.info("entmaxkv: decode_attn runs the reference: %s", reason)
+
+
+def unsupported_reason(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, config: EntmaxKVConfig
+) -> str | None:
+    """Why the CUDA kernels cannot run this call, or ``None`` if they can."""
+    if config.policy == "adaptive":
+        return "policy 'adaptive' has no GPU kernels yet"
+    if not (q.is_cuda and k.device == q.device and v.device == q.device):
+        return "q, k, v must be on one CUDA device"
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: need one of fp16, bf16, fp32 for q, k and v"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q, k, v must be 4-D [B, H, L, D]"
+    b, hq, lq, d = q.shape
+    if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[3] != d or hq % k.shape[1]:
+        return f"shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} do not form GQA"
+    if d not in SUPPORTED_HEAD_DIMS or v.shape[3] not in SUPPORTED_HEAD_DIMS:
+        return f"head dims {d}/{v.shape[3]}: need one of {SUPPORTED_HEAD_DIMS}"
+    if hq // k.shape[1] * lq > MAX_ROWS:
+        return f"{hq // k.shape[1]} heads x {lq} query positions per KV head exceed {MAX_ROWS}"
+    if k.stride(3) != 1 or v.stride(3) != 1:
+        return "k and v need a unit stride on the head dim"
+    if bias is not None and (
+        bias.dim() != 4
+        or bias.shape[-1] != k.shape[2]
+        or any(bias.shape[i] not in (1, s) for i, s in enumerate(q.shape[:3]))
+    ):
+        return f"bias shape {tuple(bias.shape)} does not broadcast to [B, Hq, Lq, S]"
+    return None
+
+
+def _cache_key(k: Tensor) -> tuple:
+    return (k.data_ptr(), tuple(k.shape), k.stride(), k.dtype, k.device)
+
+
+def _state(site: int, plan: Plan, k: Tensor) -> SiteState:
+    key = _cache_key(k)
+    st = _sites.get(site)
+    if st is None or st.plan != plan:
+        st = SiteState(plan, key, SiteBuffers(plan, k.device, k.dtype))
+        _sites[site] = st
+    elif st.cache_key != key:
+        st.cache_key = key
+        st.buffers.wm.fill_(-1)
+    return st
+
+
+def decode_cuda(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    scale: float,
+    alpha: float,
+    site: int,
+    config: EntmaxKVConfig,
+) -> Tensor | None:
+    """One decode step on the GPU under ``config.policy``, or ``None`` when unsupported (reason logged)."""
+    reason = unsupported_reason(q, k, v, bias, config)
+    if reason is not None:
+        _skip(reason)
+        return None
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return decode_site(q, k, v, bias, scale, alpha, site, config, PROGRAMS_PER_SM * sms)
+
+
+def decode_site(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    scale: float,
+    alpha: float,
+    site: int,
+    config: EntmaxKVConfig,
+    n_programs: int,
+    block_n: int | None = None,
+) -> Tensor:
+    """:func:`decode_cuda` without the support checks, on any device the kernels run on (the Triton
+    interpreter runs them on CPU tensors); ``n_programs`` sizes the grids."""
+    if q.stride(3) != 1:
+        q = q.contiguous()
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    if bias is not None and bias.stride(3) != 1 and bias.shape[3] > 1:
+        bias = bias.contiguous()
+    plan = make_plan(tuple(q.shape), tuple(k.shape), v.shape[3], config, n_programs, block_n)
+    st = _state(site, plan, k)
+    scratch = _scratch.get((q.device, plan))
+    if scratch is None:
+        scratch = _scratch[(q.device, plan)] = Scratch(plan, q.device)
+    return decode(plan, scratch, st.buffers, q, k, v, bias, scale, alpha, config)
+
+
+def reset_all() -> None:
+    """Make every site rebuild its metadata on its next call (call between unrelated sequences)."""
+    for st in _sites.values():
+        st.buffers.wm.fill_(-1)
+
+
+def site_stats(site: int) -> dict[str, Tensor]:
+    """Last step's device statistics of ``site`` (live views, no sync): ``mode`` per KV group (0 sparse /
+    certified, 1 dense, 2 dense via the workspace), ``candidates`` per KV group (exact key rows gathered by
+    ``certified``), ``support`` per query row, ``watermark`` per KV group."""
+    b = _sites[site].buffers
+    return {"mode": b.mode, "candidates": b.candidates, "support": b.support, "watermark": b.wm}

@@ -1,0 +1,179 @@
+"""Every Triton kernel pipeline on CPU tensors through the Triton interpreter, against the reference.
+
+Small shapes (B·Hkv ≤ 4, S ≤ 256, tens of programs). ``TRITON_INTERPRET`` is set before any kernel
+module is imported; the module skips when Triton (or numpy, which its interpreter needs) is missing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+pytest.importorskip("numpy", reason="the Triton interpreter needs numpy")
+pytest.importorskip("triton", reason="Triton is not installed")
+
+from entmaxkv_compile.config import EntmaxKVConfig  # noqa: E402
+from entmaxkv_compile.kernels.launch import INTERPRET, Scratch, SiteBuffers, decode, make_plan  # noqa: E402
+from entmaxkv_compile.ops import cuda as ops_cuda  # noqa: E402
+from entmaxkv_compile.reference.decode import decode_attention, dense_decode  # noqa: E402
+
+if not INTERPRET:  # the kernels were imported elsewhere first, compiled for a GPU
+    pytest.skip("kernel modules were imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+NEG = -math.inf
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # the interpreter truncates to bf16
+
+
+def _inputs(b, hkv, g, lq, s, d, dtype, *, seed=0, peaky=True, dv=None):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hkv * g, lq, d, generator=gen)
+    k = torch.randn(b, hkv, s, d, generator=gen)
+    v = torch.randn(b, hkv, s, dv or d, generator=gen)
+    if peaky:  # a few keys aligned with the queries, like real attention (the rest stay far below τ)
+        for h in range(hkv):
+            idx = torch.randint(0, s, (6,), generator=gen)
+            k[:, h, idx] += 0.6 * q[:, h * g : (h + 1) * g, 0].mean(1, keepdim=True)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _mask(b, s, lengths, lq=1):
+    """Additive mask [B, 1, Lq, S]: row b sees positions < lengths[b] (causal over its Lq queries)."""
+    bias = torch.zeros(b, 1, lq, s)
+    for i, n in enumerate(lengths):
+        for j in range(lq):
+            bias[i, 0, j, n - lq + j + 1 :] = NEG
+    return bias
+
+
+def _run(policy, q, k, v, bias, alpha, *, n_programs=8, block_n=16, **cfg):
+    config = EntmaxKVConfig(policy=policy, **cfg)
+    plan = make_plan(tuple(q.shape), tuple(k.shape), v.shape[-1], config, n_programs, block_n)
+    site = SiteBuffers(plan, q.device, k.dtype)
+    out = decode(plan, Scratch(plan, q.device), site, q, k, v, bias, q.shape[-1] ** -0.5 * 2, alpha, config)
+    return out, site, config
+
+
+def _err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize(
+    "shape,alpha,dtype,bias_kind",
+    [
+        ((1, 2, 2, 1, 200, 64), 1.5, torch.float32, "mask"),  # GQA, a masked tail
+        ((1, 2, 2, 1, 200, 64), 2.0, torch.float16, "mask"),
+        ((1, 2, 2, 1, 200, 64), 1.3, torch.float32, "none"),  # generic α, no bias
+        ((2, 2, 1, 1, 160, 128), 1.5, torch.bfloat16, "mask"),  # MHA, per-row lengths
+        ((1, 1, 4, 1, 256, 64), 2.0, torch.float32, "alibi"),  # MQA, per-head ALiBi + mask
+        ((1, 2, 2, 2, 128, 64), 1.5, torch.float32, "mask"),  # Lq = 2 (speculative), causal rows
+    ],
+)
+def test_dense_matches_reference(shape, alpha, dtype, bias_kind):
+    b, hkv, g, lq, s, d = shape
+    q, k, v = _inputs(b, hkv, g, lq, s, d, dtype)
+    bias = None
+    if bias_kind != "none":
+        bias = _mask(b, s, [s - 7 - 29 * i for i in range(b)], lq)
+    if bias_kind == "alibi":
+        slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])[:, None, None]
+        bias = bias + slopes * (torch.arange(s) - s)[None, None, None, :].float()
+    out, site, _ = _run("dense", q, k, v, bias, alpha)
+    ref = dense_decode(q, k, v, scale=d**-0.5 * 2, alpha=alpha, bias=bias)
+    assert _err(out, ref) < TOL[dtype]
+    assert site.mode.tolist() == [1] * (b * hkv)
+
+
+def test_dense_support_sizes_and_workspace_fallback():
+    q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.float32, peaky=False)
+    q[:, :2] = 0.0  # KV head 0: every score equal, all 256 tokens in the support
+    out, site, _ = _run("dense", q, k, v, None, 1.5, n_programs=2, min_candidates=8, candidate_fraction=0.01)
+    ref, stats = decode_attention(
+        q, k, v, scale=64**-0.5 * 2, alpha=1.5, config=EntmaxKVConfig(policy="dense")
+    )
+    assert _err(out, ref) < 1e-5
+    assert site.mode.tolist() == [2, 1]  # head 0 overflowed its segments and used the workspace
+    assert site.support.tolist() == stats.support_size.flatten().tolist()
+
+
+@pytest.mark.parametrize("sketch", ["int8", "int4"])
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.25])
+def test_certified_is_exact(sketch, alpha):
+    q, k, v = _inputs(2, 2, 2, 1, 192, 64, torch.float32, seed=1)
+    bias = _mask(2, 192, [192, 150])
+    out, site, cfg = _run(
+        "certified", q, k, v, bias, alpha, sketch=sketch, min_candidates=32, candidate_fraction=0.5
+    )
+    ref, stats = decode_attention(q, k, v, scale=64**-0.5 * 2, alpha=alpha, bias=bias, config=cfg)
+    assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=alpha, bias=bias)) < 1e-5
+    sparse = site.mode == 0
+    assert sparse.all() or sketch == "int4"  # int8 certifies at this capacity; loose int4 may fall back
+    support = stats.support_size.reshape(4, 2).amax(-1).int()
+    assert (site.candidates[sparse] >= support[sparse]).all() and (site.candidates[sparse] > 0).all()
+    assert site.wm.tolist() == [192, 192, 150, 150]
+
+
+def test_certified_over_capacity_falls_back_per_group():
+    q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.bfloat16, seed=2)
+    q[:, 2:] = 0.0  # KV head 1: flat scores, every token a candidate
+    out, site, _ = _run(
+        "certified", q, k, v, None, 1.5, sketch="int4", min_candidates=16, candidate_fraction=0.1
+    )
+    assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=1.5)) < TOL[torch.bfloat16]
+    assert site.mode.tolist()[1] == 1
+
+
+@pytest.mark.parametrize("page_size,alpha,lengths", [(16, 1.5, [250, 256]), (8, 2.0, [97, 200])])
+def test_topk_matches_reference(page_size, alpha, lengths):
+    q, k, v = _inputs(2, 2, 2, 1, 256, 64, torch.float32, seed=3)
+    bias = _mask(2, 256, lengths)
+    out, site, cfg = _run("topk", q, k, v, bias, alpha, page_size=page_size, budget_pages=3, recent_pages=1)
+    ref, _ = decode_attention(q, k, v, scale=64**-0.5 * 2, alpha=alpha, bias=bias, config=cfg)
+    assert _err(out, ref) < 1e-5
+    assert site.mode.tolist() == [0] * 4
+
+
+def test_min_context_runs_dense():
+    q, k, v = _inputs(1, 2, 2, 1, 128, 64, torch.float32, seed=4)
+    bias = _mask(1, 128, [100])
+    for policy in ("certified", "topk"):
+        out, site, _ = _run(policy, q, k, v, bias, 1.5, min_context=101)
+        assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=1.5, bias=bias)) < 1e-5
+        assert site.mode.tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("policy", ["certified", "topk"])
+def test_incremental_metadata_across_steps(policy):
+    """A static cache decoded step by step: metadata updated in place equals a fresh rebuild, a shorter
+    sequence triggers a rebuild on device, a new cache tensor or ``reset_all`` one on the host."""
+    s, d = 96, 64
+    q, k, v = _inputs(1, 2, 2, 1, s, d, torch.float32, seed=5)
+    k_cache, v_cache = torch.zeros_like(k), torch.zeros_like(v)
+    cfg = EntmaxKVConfig(policy=policy, page_size=8, budget_pages=2, min_candidates=16)
+    scale = d**-0.5 * 2
+
+    def step(length, site=7):
+        bias = _mask(1, s, [length])
+        out = ops_cuda.decode_site(q, k_cache, v_cache, bias, scale, 1.5, site, cfg, n_programs=4, block_n=16)
+        ref, _ = decode_attention(q, k_cache, v_cache, scale=scale, alpha=1.5, bias=bias, config=cfg)
+        assert _err(out, ref) < 1e-5, length
+        return ops_cuda._sites[site].buffers
+
+    k_cache[:, :, :40], v_cache[:, :, :40] = k[:, :, :40], v[:, :, :40]  # prefill
+    for length in range(40, 44):
+        k_cache[:, :, length - 1], v_cache[:, :, length - 1] = k[:, :, length - 1], v[:, :, length - 1]
+        buf = step(length)
+    fresh = step(43, site=8)
+    for name in ("codes", "scales", "res") if policy == "certified" else ("kmin", "kmax"):
+        assert torch.equal(getattr(buf, name), getattr(fresh, name)), name
+    assert buf.wm.tolist() == [43, 43]
+    k_cache.normal_()  # a new, shorter sequence in the same cache: detected on device
+    step(20)
+    k_cache[:, :, :30].normal_()
+    ops_cuda.reset_all()  # unrelated content at an unsuspicious length: the explicit reset
+    step(21)
+    assert buf.wm.tolist() == [21, 21]
