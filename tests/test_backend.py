@@ -187,3 +187,28 @@ def test_inductor_reduce_overhead_end_to_end() -> None:
 
 def test_unsupported_is_an_exception_with_the_reason() -> None:
     assert str(Unsupported("why")) == "why"
+
+
+@pytest.mark.parametrize("budget", [2, 64])
+@torch.no_grad()
+def test_softmax_topk_opt_in(budget):
+    """Softmax attention is rewritten only on opt-in, to Quest-style top-k (budget ≥ pages: dense softmax)."""
+    from entmaxkv_compile.reference.decode import softmax_topk_decode
+
+    q, k, v, mask = inputs(s=100)
+    fn = lambda q, k, v, mask: attention(lambda x: torch.softmax(x, dim=-1), q, k, v, mask)  # noqa: E731
+    cfg = FAST.replace(softmax_topk=True, page_size=8, budget_pages=budget, sink_pages=1, recent_pages=1)
+    out = torch.compile(fn, backend=backend(cfg), fullgraph=True)(q, k, v, mask)
+    assert counters["entmaxkv"]["decode_attn"] == 1
+    bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    want = softmax_topk_decode(q, k, v, scale=32**-0.5, bias=bias, config=cfg)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    dense = fn(q, k, v, mask)
+    if budget >= 13:  # 100 tokens / 8 = 13 pages: everything is selected
+        torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    else:  # a real selection: 4 of 13 pages, so the output differs from dense softmax
+        assert not torch.allclose(out, dense, atol=1e-3)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.compile(fn, backend=backend(cfg.replace(softmax_topk=False)), fullgraph=True)(q, k, v, mask)
+    assert counters["entmaxkv"]["decode_attn"] == 0

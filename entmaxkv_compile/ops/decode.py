@@ -6,7 +6,9 @@ Schema (all rewritten sites use it)::
                 site, config) -> out[B,Hq,Lq,Dv]
 
 ``bias`` is additive fp32 (−inf = masked: padding, causal, unwritten cache slots; finite values such
-as ALiBi are added to the scores). ``site`` identifies the rewritten attention site (it owns the
+as ALiBi are added to the scores). ``alpha == 1`` marks a softmax site rewritten on the user's opt-in
+(``softmax_topk``): approximate Quest-style top-k softmax, always through the reference. ``site``
+identifies the rewritten attention site (it owns the
 per-cache metadata on the GPU path); ``config`` is the JSON of the :class:`EntmaxKVConfig`.
 
 On CPU (and for anything the GPU kernels do not support) the op runs the plain-PyTorch reference of
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..config import EntmaxKVConfig
-from ..reference.decode import decode_attention
+from ..reference.decode import decode_attention, softmax_topk_decode
 
 log = logging.getLogger("entmaxkv_compile")
 
@@ -49,6 +51,8 @@ def decode_attn(
     config: str,
 ) -> Tensor:
     cfg = config_from_json(config)
+    if alpha == 1.0:  # a softmax site rewritten on opt-in (softmax_topk): Quest-style top-k, reference only
+        return softmax_topk_decode(q, k, v, scale=scale, bias=bias, config=cfg)
     if q.is_cuda:
         from .cuda import decode_cuda
 

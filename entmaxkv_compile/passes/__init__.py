@@ -7,7 +7,8 @@ Order of work on one captured graph (see ``docs/PASS.md``):
 2. :mod:`.decomposed` — entmax written out in plain ops is verified numerically and folded into one
    ``entmaxkv::entmax`` node.
 3. :mod:`.matcher` — around every entmax node, the attention is matched and described canonically;
-   softmax attention and SDPA are reported, never rewritten.
+   softmax attention is reported (rewritten to Quest-style top-k only on the ``softmax_topk`` opt-in),
+   SDPA is reported.
 4. :mod:`.rewrite` — each matched decode site becomes one ``entmaxkv::decode_attn`` call.
 """
 
@@ -44,14 +45,6 @@ class Analysis:
         return [s.info for s in self.sites]
 
 
-def _softmax_reason(config: EntmaxKVConfig) -> str:
-    if config.softmax_topk:
-        return (
-            "softmax attention left dense: softmax_topk is not implemented (decode_attn has no softmax mode)"
-        )
-    return "softmax attention is left dense (not entmax)"
-
-
 def analyze(gm: fx.GraphModule, example_inputs: list[Any], config: EntmaxKVConfig) -> Analysis:
     """Canonicalise entmax in ``gm`` (mutates it) and match every attention site; rewrites nothing."""
     constant = nodes.Constants(gm, example_inputs)
@@ -70,10 +63,14 @@ def analyze(gm: fx.GraphModule, example_inputs: list[Any], config: EntmaxKVConfi
                 out.unmatched.append(UnmatchedSite(kind, nodes.where(node), str(e)))
         elif k == "softmax":
             try:
-                matcher.match(node, None, config, constant, "softmax")
+                site = matcher.match(node, None, config, constant, "softmax")
             except Unsupported:
                 continue  # not attention (e.g. the LM head): not worth reporting
-            out.unmatched.append(UnmatchedSite("softmax", nodes.where(node), _softmax_reason(config)))
+            if config.softmax_topk:  # the user's opt-in: approximate Quest-style top-k softmax
+                out.sites.append(site)
+            else:
+                reason = "softmax attention is left dense (not entmax)"
+                out.unmatched.append(UnmatchedSite("softmax", nodes.where(node), reason))
         elif k == "sdpa":
             out.unmatched.append(
                 UnmatchedSite("sdpa", nodes.where(node), "scaled_dot_product_attention is softmax attention")

@@ -180,6 +180,24 @@ def _certified_selection(
     return read, hi, tau_lb, sketch_bytes.expand(b, hkv)
 
 
+def softmax_topk_decode(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, bias: Tensor | None = None, config: EntmaxKVConfig
+) -> Tensor:
+    """Quest-style *softmax* decode (approximate, opt-in through ``config.softmax_topk``).
+
+    Softmax over the tokens of the ``budget_pages`` pages with the highest page upper bound, plus the sink
+    and recent pages (the ``topk`` selection); fully masked rows give 0.
+    """
+    b, hq, _, _ = q.shape
+    hkv, n_tok = k.shape[1], k.shape[2]
+    s = attention_scores(q, k, scale=scale, bias=bias)
+    valid = (s > NEG_INF).reshape(b, -1, n_tok).any(1)
+    pages, _, _ = _page_selection(q, k, s, valid, scale, 2.0, bias, config.replace(policy="topk"))
+    keep = pages.repeat_interleave(config.page_size, dim=-1)[..., :n_tok]
+    p = torch.softmax(s.masked_fill(~_to_heads(keep, hq), NEG_INF), dim=-1).nan_to_num(0.0)
+    return (p.reshape(b, hkv, -1, n_tok) @ v.float()).reshape(b, hq, -1, v.shape[-1]).to(q.dtype)
+
+
 def decode_attention(
     q: Tensor,
     k: Tensor,
