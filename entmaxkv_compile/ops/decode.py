@@ -8,7 +8,8 @@ Schema (all rewritten sites use it)::
 ``bias`` is additive fp32 (−inf = masked: padding, causal, unwritten cache slots; finite values such
 as ALiBi are added to the scores). ``alpha == 1`` marks a softmax site rewritten on the user's opt-in
 (``softmax_topk``): approximate Quest-style top-k softmax, always through the reference. ``site``
-identifies the rewritten attention site (it owns the per-cache metadata on the GPU path); ``config`` is the JSON of the :class:`EntmaxKVConfig`.
+identifies the rewritten attention site (it owns the per-cache metadata on the GPU path); ``config``
+is the JSON of the :class:`EntmaxKVConfig`.
 
 On CPU (and for anything the GPU kernels do not support) the op runs the plain-PyTorch reference of
 the policy; on CUDA it runs the Triton kernels in :mod:`entmaxkv_compile.ops.cuda`.
