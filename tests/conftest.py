@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 # Without a GPU, Triton kernels run in the interpreter on CPU tensors (tests/test_kernels_interp.py).
 # It must be chosen before any kernel module is imported, which other test modules may do first.
@@ -16,3 +17,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A clean Dynamo cache and counters around a test (modules opt in with ``usefixtures``)."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()

@@ -16,15 +16,9 @@ from entmaxkv_compile.passes.layout import Unsupported
 from entmaxkv_compile.reference.entmax import entmax as reference_entmax
 from tests.zoo.models import ZOO
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 FAST = EntmaxKVConfig(policy="dense", inner_compiler="aot_eager")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 def attention(normalise, q, k, v, mask):

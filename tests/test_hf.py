@@ -31,15 +31,10 @@ SIZES = dict(
 )  # fmt: skip
 PROMPT, STEPS, WARMUP = 13, 6, 2
 # transformers >= 5.24 renames past_key_values to cache; the GPU image's 5.17 only knows the old name
-pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning"),
+    pytest.mark.usefixtures("fresh_dynamo"),
+]
 
 
 def llama(attn: str = "entmax15") -> LlamaForCausalLM:

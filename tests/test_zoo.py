@@ -14,16 +14,10 @@ from entmaxkv_compile.config import EntmaxKVConfig
 from entmaxkv_compile.explain import explain
 from tests.zoo.models import ZOO, Spec, softmax_attention
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 PROMPT, STEPS, WARMUP = 13, 6, 2  # decode positions 13..18 cross the page boundary at 16
 CONFIG = EntmaxKVConfig(min_candidates=16, candidate_fraction=0.25, inner_compiler="aot_eager")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 def tolerance(spec: Spec) -> dict[str, float]:
