@@ -9,6 +9,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=.
+if ls .whl/*.whl > /dev/null 2>&1; then  # wheels missing from the GPU image (the entmax package), carried along
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=.:/tmp/site
+fi
 mkdir -p "$OUT"
 t0=$(date +%s)
 stamp() { echo "[run_all +$(($(date +%s) - t0))s] $*"; }
@@ -19,7 +23,7 @@ cat "$OUT/gpu.txt"
 STAGE=train TRAIN_BUDGET=${TRAIN_BUDGET:-240} bash scripts/gpu/fidelity.sh > "$OUT/fidelity_train.log" 2>&1 &
 train_pid=$!
 stamp "GPU tests"
-timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -m gpu -v -p no:cacheprovider tests/ \
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -m gpu -v -n 4 -p no:cacheprovider tests/ \
   --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
 stamp "GPU tests rc=$?"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 3
 grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -n 30
