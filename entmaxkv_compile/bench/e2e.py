@@ -8,6 +8,9 @@ Per context: one exact chunked entmax prefill (:func:`entmaxkv_compile.generate.
 * ``entmaxkv`` — ``torch.compile(model, backend=entmaxkv_compile.backend(config))`` (certified policy);
 * ``inductor`` — ``torch.compile(model)``: the same entmax model, dense entmax, default backend;
 * ``sdpa`` — the same weights with ``attn_implementation="sdpa"`` (softmax), prefilled the same way.
+  This is transformers' SDPA path as users run it: with a static-cache mask it repeats K/V to every
+  query head (``enable_gqa`` needs a mask-free call), so it is slower than a bare ``enable_gqa`` SDPA
+  (the per-layer yardstick of ``entmaxkv-bench kernels``).
 
 Reported per variant: median per-token latency and tokens/s over the steps after ``--warmup``, compile
 time (first step minus the median step), peak device memory, Dynamo compiles and recompiles after warm-up
@@ -34,6 +37,11 @@ from ..backend import backend, reset
 from ..config import EntmaxKVConfig
 
 VARIANTS = ("entmaxkv", "inductor", "sdpa")
+NOTES = (
+    "cache slots past prefill_tokens repeat the prefilled tokens; sdpa is transformers' path (static-cache "
+    "mask: K/V repeated per query head, no enable_gqa); peak_mem_gib includes the prefill snapshot; "
+    "compile_s = first step minus the median step"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,6 +126,7 @@ def _decode(
         "recompiles_after_warmup": compiles[-1] - compiles[min(args.warmup, len(compiles)) - 1],
         "decode_attn_sites": counters["entmaxkv"]["decode_attn"],
         "left_dense": counters["entmaxkv"]["left_dense"],
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"],  # > 0: Inductor ran without graphs
     }
 
 
@@ -160,6 +169,7 @@ def run(args: argparse.Namespace) -> None:
         "env": _env(),
         "results": [],
     }
+    report["notes"] = NOTES
     report["model"] = {k: getattr(model.config, k) for k in generate.PRESETS[args.preset]}
     for ctx in contexts:
         print(f"context {ctx}")
@@ -212,8 +222,14 @@ def _summary(report: dict[str, Any]) -> None:
             print(
                 f"{entry['context']:>8} {name:9} {r['ms_per_token']:8.2f} {r['tokens_per_s']:8.1f} "
                 f"{r['compile_s']:9.1f} {peak:>8} {r['recompiles_after_warmup']:6d} "
-                f"{'cuda' if r['cudagraphs'] else 'no':>6}  {eq}"
+                f"{_graphs(r):>6}  {eq}"
             )
+
+
+def _graphs(r: dict[str, Any]) -> str:
+    if not r["cudagraphs"]:
+        return "no"
+    return "skip" if r.get("cudagraph_skips") else "cuda"  # skip: Inductor declined to capture
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
