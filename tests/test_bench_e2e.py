@@ -30,3 +30,4 @@ def test_e2e_tiny_cpu(tmp_path) -> None:
             assert r["cudagraphs"] is False
         assert entry["variants"]["entmaxkv"]["decode_attn_sites"] == 2
         assert entry["variants"]["inductor"]["decode_attn_sites"] == 0
+    assert [e["prefill_sdpa"]["prefix_reused"] for e in report["results"]] == [False, True]
