@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch._dynamo.utils import counters
 
-from .. import generate
 from ..backend import backend, reset
 from ..config import EntmaxKVConfig
 
@@ -46,7 +45,7 @@ NOTES = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for e2e.json and e2e.png")
-    p.add_argument("--preset", default="attn128", choices=sorted(generate.PRESETS))
+    p.add_argument("--preset", default="attn128", help="entmaxkv_compile.generate.PRESETS: tiny, 1b, attn128")
     p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     p.add_argument("--contexts", default="32768,131072", help="comma list of cache lengths")
     p.add_argument("--prefill-len", type=int, default=32768, help="exact prefill tokens (rest repeated)")
@@ -73,6 +72,8 @@ def _run_variant(
     variant: str, model: torch.nn.Module, cache: Any, start: dict, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Decode from the snapshot ``start`` with CUDA graphs if possible, else without."""
+    from .. import generate  # transformers is an optional dependency
+
     modes = [None] if args.no_cudagraphs or args.device == "cpu" else ["reduce-overhead", None]
     errors = []
     for mode in modes:
@@ -101,6 +102,8 @@ def _decode(
     mode: str | None,
 ) -> dict[str, Any]:
     from tqdm import tqdm
+
+    from .. import generate
 
     fn = _compiled(variant, model, args, mode)
     compiles: list[int] = []
@@ -137,6 +140,8 @@ def _prefilled(model: torch.nn.Module, ctx: int, args: argparse.Namespace, memo:
     """
     from tqdm import tqdm
 
+    from .. import generate
+
     cache = generate.new_cache(model, ctx + args.steps + 1)
     real = min(ctx, args.prefill_len)
     key = (model.config._attn_implementation, real)
@@ -167,6 +172,8 @@ def _sync(device: str) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Long-context decode: entmaxkv vs Inductor dense entmax vs softmax SDPA (JSON, PNG, table)."""
+    from .. import generate
+
     args.out.mkdir(parents=True, exist_ok=True)
     contexts = [int(c) for c in args.contexts.split(",")]
     variants = [v for v in args.variants.split(",") if v]
