@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from . import kernels
+from . import e2e, kernels
 
 SUBCOMMANDS: dict[
     str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]
 ] = {
     "kernels": (kernels.add_arguments, kernels.run),
+    "e2e": (e2e.add_arguments, e2e.run),
 }
 
 
