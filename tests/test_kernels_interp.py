@@ -117,6 +117,20 @@ def test_certified_is_exact(sketch, alpha):
     assert site.wm.tolist() == [192, 192, 150, 150]
 
 
+@pytest.mark.parametrize("policy,sketch", [("dense", "int8"), ("certified", "int8"), ("certified", "int4")])
+def test_long_splits_exchange_maxima_every_few_tiles(policy, sketch):
+    """One program per group scanning 24–48 tiles: the shared running maximum is exchanged only every
+    ``SYNC`` tiles and read a tile late, and the peak sits in a late tile (early tiles keep more)."""
+    q, k, v = _inputs(1, 2, 2, 1, 768, 64, torch.float32, seed=4, peaky=False)
+    k[:, :, 700] += 2.0 * q[:, ::2, 0]  # the largest scores appear only after most tiles
+    bias = _mask(1, 768, [740])
+    out, site, _ = _run(
+        policy, q, k, v, bias, 1.5, n_programs=2, sketch=sketch, min_candidates=64, candidate_fraction=0.5
+    )
+    assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=1.5, bias=bias)) < 1e-5
+    assert site.mode.tolist() == ([1, 1] if policy == "dense" else [0, 0])
+
+
 def test_certified_over_capacity_falls_back_per_group():
     q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.bfloat16, seed=2)
     q[:, 2:] = 0.0  # KV head 1: flat scores, every token a candidate
