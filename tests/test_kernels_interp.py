@@ -151,6 +151,24 @@ def test_topk_matches_reference(page_size, alpha, lengths):
     assert site.mode.tolist() == [0] * 4
 
 
+def test_topk_split_selection_breaks_ties_to_lowest_pages():
+    """Eight page slices per group select in parallel; most pages tie exactly (identical keys), so the cut
+    falls inside a tie run that spans slices and the lowest tied pages must win, as in the reference."""
+    q, k, v = _inputs(1, 2, 2, 1, 512, 64, torch.float32, seed=6, peaky=False)
+    k[:] = k[:, :, :1]  # every key of a group equal: all 128 pages tie
+    for h, pages in ((0, (37, 90, 101)), (1, (5, 64, 127))):
+        for pg in pages:  # three pages clearly above the ties
+            k[:, h, 4 * pg + 1] += q[:, 2 * h : 2 * h + 2, 0].mean(1)
+    bias = _mask(1, 512, [509])
+    cfg = dict(page_size=4, budget_pages=9, sink_pages=1, recent_pages=2)
+    out, site, config = _run("topk", q, k, v, bias, 1.5, n_programs=16, **cfg)
+    plan = make_plan(tuple(q.shape), tuple(k.shape), 64, config, 16, 16)
+    assert plan.nsplit_p == 8
+    ref, _ = decode_attention(q, k, v, scale=64**-0.5 * 2, alpha=1.5, bias=bias, config=config)
+    assert _err(out, ref) < 1e-5
+    assert site.mode.tolist() == [0, 0]
+
+
 def test_min_context_runs_dense():
     q, k, v = _inputs(1, 2, 2, 1, 128, 64, torch.float32, seed=4)
     bias = _mask(1, 128, [100])
