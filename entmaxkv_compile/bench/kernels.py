@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> None:
     )
     for shape_name, s in tqdm([(sh, s) for sh in shapes for s in contexts], desc="kernels"):
         case = (SHAPES[shape_name], shape_name, s, fractions, sketches)
-        records += _bench_case(*case, args, bw, flush, 4 * sms)
+        records += _bench_case(*case, args, bw, flush, ops_cuda.PROGRAMS_PER_SM * sms)
         ops_cuda._sites.clear()
         ops_cuda._scratch.clear()
         torch.cuda.empty_cache()

@@ -102,13 +102,13 @@ def make_plan(
     block_n: int | None = None,
 ) -> Plan:
     """Plan for ``q[B,Hq,Lq,D]``, ``k[B,Hkv,S,D]`` under ``config``; ``n_programs``: how many programs fill
-    the GPU; ``block_n``: tokens per exact-scoring tile (default by head dim; sketch tiles are twice as long
-    since a sketch row is a quarter to half of a key row)."""
+    the GPU (the scoring grid never exceeds it); ``block_n``: tokens per exact-scoring tile (default by head
+    dim; sketch tiles are twice as long since a sketch row is a quarter to half of a key row)."""
     b, hq, lq, d = q_shape
     hkv, s = k_shape[1], k_shape[2]
     bh = b * hkv
     bn = block_n or (64 if d <= 128 else 32)
-    nsplit = max(1, min(_cdiv(n_programs, bh), _cdiv(s, bn)))
+    nsplit = max(1, min(n_programs // bh, _cdiv(s, bn)))  # at most one wave: no straggler wave
     split_len = _cdiv(_cdiv(s, nsplit), 2 * bn) * 2 * bn
     nsplit = _cdiv(s, split_len)
     capc = max(config.min_candidates, math.ceil(config.candidate_fraction * s))
