@@ -5,7 +5,7 @@
 # then a compact table of time / SDPA time. Each step is time-boxed; a failing step does not stop the next.
 set -u
 export PYTHONPATH=.
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 DST="${OUT:?set OUT}/kernels"
 mkdir -p "$DST"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader > "$DST/gpu.txt" 2>&1 || true
