@@ -117,6 +117,20 @@ def test_certified_is_exact(sketch, alpha):
     assert site.wm.tolist() == [192, 192, 150, 150]
 
 
+@pytest.mark.parametrize("policy,sketch", [("dense", "int8"), ("certified", "int4")])
+def test_long_splits_exchange_maxima_every_few_tiles(policy, sketch):
+    """One program per group scanning 16–32 tiles: the shared running maximum is exchanged only every
+    ``SYNC`` tiles and read a tile late, and the peak sits in a late tile (early tiles keep more)."""
+    q, k, v = _inputs(1, 2, 2, 1, 512, 64, torch.float32, seed=4, peaky=False)
+    k[:, :, 460] += 2.0 * q[:, ::2, 0]  # the largest scores appear only after most tiles
+    bias = _mask(1, 512, [500])
+    out, site, _ = _run(
+        policy, q, k, v, bias, 1.5, n_programs=2, sketch=sketch, min_candidates=64, candidate_fraction=0.5
+    )
+    assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=1.5, bias=bias)) < 1e-5
+    assert site.mode.tolist() == ([1, 1] if policy == "dense" else [0, 0])
+
+
 def test_certified_over_capacity_falls_back_per_group():
     q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.bfloat16, seed=2)
     q[:, 2:] = 0.0  # KV head 1: flat scores, every token a candidate
@@ -135,6 +149,24 @@ def test_topk_matches_reference(page_size, alpha, lengths):
     ref, _ = decode_attention(q, k, v, scale=64**-0.5 * 2, alpha=alpha, bias=bias, config=cfg)
     assert _err(out, ref) < 1e-5
     assert site.mode.tolist() == [0] * 4
+
+
+def test_topk_split_selection_breaks_ties_to_lowest_pages():
+    """Eight page slices per group select in parallel; most pages tie exactly (identical keys), so the cut
+    falls inside a tie run that spans slices and the lowest tied pages must win, as in the reference."""
+    q, k, v = _inputs(1, 2, 2, 1, 512, 64, torch.float32, seed=6, peaky=False)
+    k[:] = k[:, :, :1]  # every key of a group equal: all 128 pages tie
+    for h, pages in ((0, (37, 90, 101)), (1, (5, 64, 127))):
+        for pg in pages:  # three pages clearly above the ties
+            k[:, h, 4 * pg + 1] += q[:, 2 * h : 2 * h + 2, 0].mean(1)
+    bias = _mask(1, 512, [509])
+    cfg = dict(page_size=4, budget_pages=9, sink_pages=1, recent_pages=2)
+    out, site, config = _run("topk", q, k, v, bias, 1.5, n_programs=16, **cfg)
+    plan = make_plan(tuple(q.shape), tuple(k.shape), 64, config, 16, 16)
+    assert plan.nsplit_p == 8
+    ref, _ = decode_attention(q, k, v, scale=64**-0.5 * 2, alpha=1.5, bias=bias, config=config)
+    assert _err(out, ref) < 1e-5
+    assert site.mode.tolist() == [0, 0]
 
 
 def test_min_context_runs_dense():

@@ -1,11 +1,11 @@
 """``kernels``: one decode step of one layer, every policy side by side with SDPA, on a CUDA GPU.
 
 For each shape and context: ``torch.nn.functional.scaled_dot_product_attention`` (dense softmax,
-``enable_gqa``, no mask: its fastest path), the exact dense entmax decode, ``certified`` with int8 and
-int4 sketches at controlled candidate fractions, and static ``topk`` at 1/64 of the pages. Each variant is
-captured in a CUDA graph; the time is the median over ``--reps`` replays (CUDA events, L2 flushed before
-each) after warm-up; the eager median (with Python launch overhead) is reported too. Bytes read count KV
-rows, metadata (sketch or page boxes) and the mask; bandwidth is compared with a device-to-device copy
+``enable_gqa``, no mask: its fastest path), the exact dense entmax decode, ``certified`` with int8 and int4
+sketches at controlled candidate fractions, and static ``topk`` at 1/n of the pages (``--topk``). Each
+variant is captured in a CUDA graph; the time is the median over ``--reps`` replays (CUDA events, L2 flushed
+before each) after warm-up; the eager median (with Python launch overhead) is reported too. Bytes read count
+KV rows, metadata (sketch or page boxes) and the mask; bandwidth is compared with a device-to-device copy
 measured in the same run (bytes read + written).
 
 Data (α = 1.5, ``scale = 1/√D``): per KV group a unit direction ``u``; every query of the group is
@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", default="32768,131072,524288,1048576", help="comma list of cache lengths")
     p.add_argument("--fractions", default="0.002,0.015,0.07", help="certified candidate fractions")
     p.add_argument("--sketches", default="int8,int4")
+    p.add_argument("--topk", default="64", help="comma list of n: top-k budgets of 1/n of the pages")
     p.add_argument("--reps", type=int, default=50, help="timed replays per variant (median)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument(
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace) -> None:
     )
     for shape_name, s in tqdm([(sh, s) for sh in shapes for s in contexts], desc="kernels"):
         case = (SHAPES[shape_name], shape_name, s, fractions, sketches)
-        records += _bench_case(*case, args, bw, flush, 4 * sms)
+        records += _bench_case(*case, args, bw, flush, ops_cuda.PROGRAMS_PER_SM * sms)
         ops_cuda._sites.clear()
         ops_cuda._scratch.clear()
         torch.cuda.empty_cache()
@@ -190,6 +191,7 @@ def _bench_case(
     from ..ops import cuda as ops_cuda
 
     records: list[dict] = []
+    topk_divs = [int(x) for x in args.topk.split(",") if x]
     b, hq, hkv, d = shape["b"], shape["hq"], shape["hkv"], shape["d"]
     q, k, v, plants = planted(shape, s, fractions)
     bias = torch.zeros(b, 1, 1, s, device="cuda")
@@ -256,16 +258,16 @@ def _bench_case(
             metadata_bytes=meta,
         )  # fmt: skip
 
-    def topk_variant():
+    def topk_variant(div: int):
         n_pages = s // 16
-        cfg = EntmaxKVConfig(policy="topk", budget_pages=max(1, n_pages // 64))
+        cfg = EntmaxKVConfig(policy="topk", budget_pages=max(1, n_pages // div))
         site, fn = ours(cfg)
         fn()
         _, sup, modes = group_stats(site)
         sel = cfg.budget_pages + cfg.sink_pages + cfg.recent_pages
         meta = b * hkv * n_pages * 2 * d * esize
         record(
-            "topk-1/64", fn, meta + b * hkv * sel * 16 * d * esize + sup * d * esize + b * s * 4,
+            f"topk-1/{div}", fn, meta + b * hkv * sel * 16 * d * esize + sup * d * esize + b * s * 4,
             pages_frac=sel / n_pages, support=sup, modes=modes, metadata_bytes=meta,
         )  # fmt: skip
 
@@ -279,7 +281,8 @@ def _bench_case(
                 f"certified-{sk}", lambda f=frac, x=sk, o=dense_out: certified_variant(f, x, o), fraction=frac
             )
         if i == 0:
-            guarded("topk-1/64", topk_variant)
+            for div in topk_divs:
+                guarded(f"topk-1/{div}", lambda x=div: topk_variant(x))
     for r in records:
         if "ms" in r:
             r["ratio"] = r["ms"] / sdpa["ms"]

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..config import EntmaxKVConfig
 from .meta import update_kernel
 from .output import output_kernel
-from .pages import page_gather_kernel, page_score_kernel, select_kernel
+from .pages import page_gather_kernel, page_score_kernel, select_hist_kernel, select_take_kernel
 from .score import cand_kernel, score_kernel
 from .solve import solve_kernel
 
@@ -33,7 +33,7 @@ MAXIT = 100
 SOLVE_BLOCK = 4096
 OUT_SCAN = 1024
 OUT_BLOCK = 32
-SELECT_BLOCK = 8192
+SELECT_BLOCK = 1024
 NO_CAP = 2**31 - 1
 SKETCH_BITS = {"int8": 8, "int4": 4}
 
@@ -102,13 +102,13 @@ def make_plan(
     block_n: int | None = None,
 ) -> Plan:
     """Plan for ``q[B,Hq,Lq,D]``, ``k[B,Hkv,S,D]`` under ``config``; ``n_programs``: how many programs fill
-    the GPU; ``block_n``: tokens per exact-scoring tile (default by head dim; sketch tiles are twice as long
-    since a sketch row is a quarter to half of a key row)."""
+    the GPU (the scoring grid never exceeds it); ``block_n``: tokens per exact-scoring tile (default by head
+    dim; sketch tiles are twice as long since a sketch row is a quarter to half of a key row)."""
     b, hq, lq, d = q_shape
     hkv, s = k_shape[1], k_shape[2]
     bh = b * hkv
     bn = block_n or (64 if d <= 128 else 32)
-    nsplit = max(1, min(_cdiv(n_programs, bh), _cdiv(s, bn)))
+    nsplit = max(1, min(n_programs // bh, _cdiv(s, bn)))  # at most one wave: no straggler wave
     split_len = _cdiv(_cdiv(s, nsplit), 2 * bn) * 2 * bn
     nsplit = _cdiv(s, split_len)
     capc = max(config.min_candidates, math.ceil(config.candidate_fraction * s))
@@ -172,6 +172,8 @@ class Scratch:
             self.pscore = torch.empty(p.bh * p.n_pages, dtype=f32, device=dev)
             self.sel = torch.empty(p.bh * p.sel_cap, dtype=i32, device=dev)
             self.nsel = torch.zeros(p.bh, dtype=i32, device=dev)
+            self.sel_hist = torch.zeros(p.bh * 4 * 256, dtype=i32, device=dev)
+            self.sel_cnt = torch.zeros(p.bh * p.nsplit_p * 2, dtype=i32, device=dev)
 
 
 class SiteBuffers:
@@ -358,16 +360,24 @@ def decode(
         nlast = p.nsplit
     else:
         page_score_kernel[(p.bh, p.nsplit_p)](
-            q, site.kmin, site.kmax, st.bias, sc.pscore, sc.last, q.stride(0), q.stride(1), q.stride(2),
-            *st.bst, p.hkv, p.s, p.n_pages, p.n_pages, p.pages_per_split, st.zmul, st.bmul,
+            q, site.kmin, site.kmax, st.bias, sc.pscore, sc.last, sc.sel_hist, q.stride(0), q.stride(1),
+            q.stride(2), *st.bst, p.hkv, p.s, p.n_pages, p.n_pages, p.pages_per_split, st.zmul, st.bmul,
             2.0 * (2 * p.d + 4) * 2.0**-24, D=p.d, PS=p.ps, BP=p.bp, F32=st.f32,
             **st.common(), **st.bias_flags(),
         )  # fmt: skip
-        select_kernel[(p.bh,)](
-            sc.pscore, sc.last, sc.sel, sc.nsel, sc.mode, p.n_pages, p.n_pages, p.sel_cap, p.nsplit_p,
-            config.budget_pages, config.sink_pages, config.recent_pages, config.min_context,
-            PS=p.ps, BLOCK=SELECT_BLOCK, NL_P2=_p2(p.nsplit_p), num_warps=16,
-        )  # fmt: skip
+        sel_args = (sc.pscore, sc.last, sc.sel_hist)
+        sizes = (p.n_pages, p.n_pages)
+        for rnd in range(4):
+            select_hist_kernel[(p.bh, p.nsplit_p)](
+                *sel_args, *sizes, p.nsplit_p, config.budget_pages, config.min_context, p.pages_per_split,
+                RND=rnd, BLOCK=SELECT_BLOCK, NL_P2=_p2(p.nsplit_p),
+            )  # fmt: skip
+        for pas in range(3):
+            select_take_kernel[(p.bh, p.nsplit_p)](
+                *sel_args, sc.sel_cnt, sc.sel, sc.nsel, sc.mode, *sizes, p.sel_cap, p.nsplit_p,
+                config.budget_pages, config.sink_pages, config.recent_pages, config.min_context,
+                p.pages_per_split, PS=p.ps, PASS=pas, BLOCK=SELECT_BLOCK, NL_P2=_p2(p.nsplit_p),
+            )  # fmt: skip
         page_gather_kernel[(p.bh, p.nsplit_t)](
             q, k, st.bias, sc.sel, sc.nsel, sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, *st.qkb(),
             p.hkv, p.s, p.sel_cap, p.segcap_t, st.zmul, st.bmul, D=p.d, PS=p.ps, BPG=max(1, 64 // p.ps),

@@ -3,11 +3,13 @@
 * ``page_score_kernel`` (grid ``[B·Hkv, NSPLIT]``): for every page, the group bound
   ``max_rows (α−1)·(scale·(q⁺·kmax + q⁻·kmin + slack·|q|·max(|kmin|,|kmax|)) + max_page bias)``
   (DESIGN.md §2; the slack makes it hold for fp32-computed scores), −inf for empty or masked pages.
-* ``select_kernel`` (one program per group): the ``budget`` highest bounds by an exact radix select on
-  the bounds' order-preserving integer keys (four 8-bit rounds of histograms, ties to the lowest page),
-  plus the sink pages and the pages holding the last ``recent·page_size`` valid positions; writes the
-  selected pages in ascending order and their count. Groups shorter than ``min_ctx`` select nothing and
-  go to the dense tail (mode 1).
+* ``select_hist_kernel`` × 4, ``select_take_kernel`` × 3 (grid ``[B·Hkv, NSPLIT]``, the page-scoring
+  slices): the ``budget`` highest bounds by an exact radix select on the bounds' order-preserving integer
+  keys (four 8-bit rounds; each slice adds its digit histogram to the group's, every program replays the
+  digits; ties to the lowest page), plus the sink pages and the pages holding the last
+  ``recent·page_size`` valid positions; per-slice tie and take counts give each slice its offset, so the
+  selected pages land in ascending order with their count. No program walks all pages of a group.
+  Groups shorter than ``min_ctx`` select nothing and go to the dense tail (mode 1).
 * ``page_gather_kernel`` (grid ``[B·Hkv, NSPLIT]``): exact ``z`` of every token of a slice of the selected
   pages into the program's segment (the solve and output kernels take it from there).
 """
@@ -28,6 +30,7 @@ def page_score_kernel(
     bias_ptr,
     pscore_ptr,
     last_ptr,
+    hist_ptr,
     sqb,
     sqh,
     sql,
@@ -60,6 +63,8 @@ def page_score_kernel(
     kvh = bh % Hkv
     bh64 = bh.to(tl.int64)
     r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RP)
+    if sp == 0:  # the selection's radix histograms start from zero each step
+        tl.store(hist_ptr + bh64 * 1024 + tl.arange(0, 1024), tl.zeros([1024], tl.int32))
     q = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
     q_pos = tl.where(q > 0, q, 0.0).to(q.dtype)
     q_neg = tl.where(q < 0, q, 0.0).to(q.dtype)
@@ -105,9 +110,74 @@ def _keys(score):
 
 
 @triton.jit
-def select_kernel(
+def _group_length(last_ptr, bh64, nlast, NL_P2: tl.constexpr):
+    """One past the group's last valid position (max over the page-scoring programs)."""
+    o = tl.arange(0, NL_P2)
+    return tl.max(tl.load(last_ptr + bh64 * nlast + o, mask=o < nlast, other=0))
+
+
+@triton.jit
+def _radix_state(hist_ptr, bh64, budget, short, NR: tl.constexpr):
+    """``(prefix, need)`` after the first ``NR`` 8-bit rounds of the exact radix select, replayed from the
+    group's round histograms ``hist[BH, 4, 256]`` (every program derives the same digits)."""
+    bins = tl.arange(0, 256)
+    prefix = tl.full([], 0, tl.int64)
+    need = tl.full([], 0, tl.int32)
+    for rnd in tl.static_range(NR):
+        hist = tl.load(hist_ptr + (bh64 * 4 + rnd) * 256 + bins)
+        if rnd == 0:
+            need = tl.where(short, 0, tl.minimum(tl.sum(hist), budget))
+        at_or_above = tl.sum(hist) - tl.cumsum(hist, 0) + hist
+        digit = tl.max(tl.where(at_or_above >= need, bins, 0))
+        need -= tl.sum(tl.where(bins > digit, hist, 0))
+        prefix = prefix | (digit.to(tl.int64) << (24 - 8 * rnd))
+    return prefix, need
+
+
+@triton.jit
+def select_hist_kernel(
     pscore_ptr,
     last_ptr,
+    hist_ptr,
+    n_pages,
+    pcap,
+    nlast,
+    budget,
+    min_ctx,
+    pages_per_split,
+    RND: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NL_P2: tl.constexpr,
+):
+    """Round ``RND`` of the radix select: this program's page slice adds its histogram of the next 8-bit
+    digit (among keys matching the prefix so far) to the group's ``hist[RND]`` — one masked atomic add per
+    bin and program, after the slice."""
+    bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    bh64 = bh.to(tl.int64)
+    short = _group_length(last_ptr, bh64, nlast, NL_P2) < min_ctx
+    prefix, need = _radix_state(hist_ptr, bh64, budget, short, RND)
+    shift = 24 - 8 * RND
+    local = tl.zeros([512], tl.int32)
+    p_start = sp * pages_per_split
+    p_end = tl.minimum(p_start + pages_per_split, n_pages)
+    for p0 in range(p_start, p_end, BLOCK):
+        pg = p0 + tl.arange(0, BLOCK)
+        key = _keys(tl.load(pscore_ptr + bh64 * pcap + pg, mask=pg < p_end, other=NEG_INF))
+        match = key >= 0
+        if RND > 0:
+            match = match & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+        local += tl.histogram(tl.where(match, (key >> shift) & 255, 256 + (pg & 255)).to(tl.int32), 512)
+    bins = tl.arange(0, 512)
+    tl.atomic_add(hist_ptr + (bh64 * 4 + RND) * 256 + bins, local, mask=(bins < 256) & (local > 0))
+
+
+@triton.jit
+def select_take_kernel(
+    pscore_ptr,
+    last_ptr,
+    hist_ptr,
+    cnt_ptr,
     sel_ptr,
     nsel_ptr,
     mode_ptr,
@@ -119,61 +189,64 @@ def select_kernel(
     sink,
     recent,
     min_ctx,
+    pages_per_split,
     PS: tl.constexpr,
+    PASS: tl.constexpr,
     BLOCK: tl.constexpr,
     NL_P2: tl.constexpr,
 ):
+    """After the four rounds, ``prefix`` is the key of the budget-th highest page and ``need`` pages with
+    exactly that key are taken, lowest pages first. Pass 0 counts each slice's ties, pass 1 its taken pages
+    (top-``budget`` ∪ sink ∪ recent), pass 2 writes them at the slice's offset (ascending page order)."""
     bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    nsp = tl.num_programs(1)
     bh64 = bh.to(tl.int64)
-    base = pscore_ptr + bh64 * pcap
-    bins = tl.arange(0, 512)
-    real = bins < 256
-    lv = tl.load(last_ptr + bh64 * nlast + tl.arange(0, NL_P2), mask=tl.arange(0, NL_P2) < nlast, other=0)
-    length = tl.max(lv)
+    length = _group_length(last_ptr, bh64, nlast, NL_P2)
     short = length < min_ctx
-    if short:
-        tl.store(mode_ptr + bh, 1)  # too short to gain: the dense tail decodes this group
     last_page = (length - 1) // PS  # −1 when nothing is valid
-    prefix = tl.full([], 0, tl.int64)
-    need = tl.full([], 0, tl.int32)
-    for rnd in tl.static_range(4):
-        shift = 24 - 8 * rnd
-        hist = tl.zeros([512], tl.int32)
-        for p0 in range(0, n_pages, BLOCK):
-            pg = p0 + tl.arange(0, BLOCK)
-            key = _keys(tl.load(base + pg, mask=pg < n_pages, other=NEG_INF))
-            match = key >= 0
-            if rnd > 0:
-                match = match & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-            hist += tl.histogram(tl.where(match, (key >> shift) & 255, 256 + (pg & 255)).to(tl.int32), 512)
-        hist = tl.where(real, hist, 0)
-        if rnd == 0:
-            need = tl.where(short, 0, tl.minimum(tl.sum(hist), budget))
-        at_or_above = tl.sum(hist) - tl.cumsum(hist, 0) + hist
-        digit = tl.max(tl.where(real & (at_or_above >= need), bins, 0))
-        need -= tl.sum(tl.where(bins > digit, hist, 0))
-        prefix = prefix | (digit.to(tl.int64) << shift)
-    # `prefix` is the key of the budget-th highest page; `need` pages with exactly that key are taken.
-    cnt = tl.full([], 0, tl.int32)
-    ties = tl.full([], 0, tl.int32)
-    for p0 in range(0, n_pages, BLOCK):
+    prefix, need = _radix_state(hist_ptr, bh64, budget, short, 4)
+    o = tl.arange(0, NL_P2)
+    om = o < nsp
+    ties = tl.full([], 0, tl.int32)  # ties in earlier slices (passes 1, 2)
+    cnt = tl.full([], 0, tl.int32)  # pages taken by earlier slices (pass 2)
+    if PASS > 0:
+        ties = tl.sum(tl.load(cnt_ptr + (bh64 * nsp + o) * 2, mask=om & (o < sp), other=0))
+    if PASS == 2:
+        taken = tl.load(cnt_ptr + (bh64 * nsp + o) * 2 + 1, mask=om, other=0)
+        cnt = tl.sum(tl.where(o < sp, taken, 0))
+        if sp == 0:
+            tl.store(nsel_ptr + bh, tl.minimum(tl.sum(taken), sel_cap))
+            if short:
+                tl.store(mode_ptr + bh, 1)  # too short to gain: the dense tail decodes this group
+    own_ties = tl.full([], 0, tl.int32)
+    own = tl.full([], 0, tl.int32)
+    p_start = sp * pages_per_split
+    p_end = tl.minimum(p_start + pages_per_split, n_pages)
+    for p0 in range(p_start, p_end, BLOCK):
         pg = p0 + tl.arange(0, BLOCK)
-        key = _keys(tl.load(base + pg, mask=pg < n_pages, other=NEG_INF))
+        key = _keys(tl.load(pscore_ptr + bh64 * pcap + pg, mask=pg < p_end, other=NEG_INF))
         live = (key >= 0) & (need + 0 * pg > 0)  # need == 0: nothing valid to rank
         tie = (key == prefix) & live
         ti = tie.to(tl.int32)
-        forced = (
-            (key >= 0)
-            & ((pg < sink) | ((pg <= last_page) & (pg > last_page - recent)))
-            & (length + 0 * pg >= min_ctx)
-        )
-        take = forced | (live & (key > prefix)) | (tie & (ties + tl.cumsum(ti, 0) <= need))
-        ki = take.to(tl.int32)
-        slot = cnt + tl.cumsum(ki, 0) - 1
-        tl.store(sel_ptr + bh64 * sel_cap + slot, pg, mask=take & (slot < sel_cap))
-        cnt += tl.sum(ki)
-        ties += tl.sum(ti)
-    tl.store(nsel_ptr + bh, tl.minimum(cnt, sel_cap))
+        if PASS > 0:
+            forced = (
+                (key >= 0)
+                & ((pg < sink) | ((pg <= last_page) & (pg > last_page - recent)))
+                & (length + 0 * pg >= min_ctx)
+            )
+            rank = ties + own_ties + tl.cumsum(ti, 0)
+            take = forced | (live & (key > prefix)) | (tie & (rank <= need))
+            ki = take.to(tl.int32)
+            if PASS == 2:
+                slot = cnt + own + tl.cumsum(ki, 0) - 1
+                tl.store(sel_ptr + bh64 * sel_cap + slot, pg, mask=take & (slot < sel_cap))
+            own += tl.sum(ki)
+        own_ties += tl.sum(ti)
+    if PASS == 0:
+        tl.store(cnt_ptr + (bh64 * nsp + sp) * 2, own_ties)
+    if PASS == 1:
+        tl.store(cnt_ptr + (bh64 * nsp + sp) * 2 + 1, own)
 
 
 @triton.jit

@@ -1,11 +1,12 @@
 """Scoring kernels: one pass over a group's tokens computing fp32 ``z`` for all its rows at once.
 
-``score_kernel`` (grid ``[B·Hkv, NSPLIT]``, one token range per program) scores every token of its range
-from the exact keys (``SRC == 0``) or from a key sketch (``SRC`` 1: int8, 2: int4) with a per-token bound
-``[z_lo, z_hi]``. With ``KEEP`` it keeps the tokens that can matter (``z_hi > M̃ − 1`` for some row,
-``M̃ ≤ max z_lo`` a running maximum shared by all programs of the group through ``gmax``; τ ≥ max z − 1
-makes every other token irrelevant) in the program's *segment* ``(idx, z_lo[, z_hi])`` of static
-capacity ``segcap`` (a count past it marks an overflow). With ``WRITE_WS`` it writes every ``z`` to the
+``score_kernel`` (grid ``[B·Hkv, NSPLIT]``, one token range per program) scores every token of its range from
+the exact keys (``SRC == 0``) or from a key sketch (``SRC`` 1: int8, 2: int4) with a per-token bound ``[z_lo,
+z_hi]``. With ``KEEP`` it keeps the tokens that can matter (``z_hi > M̃ − 1`` for some row, ``M̃ ≤ max z_lo``
+a running maximum shared by all programs of the group through ``gmax``; τ ≥ max z − 1 makes every other token
+irrelevant; programs exchange their running maxima through ``gmax`` only every ``SYNC`` tiles and use the
+answer a tile later, so no tile waits on an L2 atomic) in the program's *segment* ``(idx, z_lo[, z_hi])`` of
+static capacity ``segcap`` (a count past it marks an overflow). With ``WRITE_WS`` it writes every ``z`` to the
 dense workspace instead (the overflow fallback). ``cand_kernel`` turns a sketch segment into a segment of
 exact scores: it keeps the tokens whose upper bound beats ``τ_low`` (the threshold of the lower bounds,
 which is ≤ τ by monotonicity), gathers their exact key rows and compacts them in place.
@@ -117,6 +118,7 @@ def score_kernel(
     KEEP: tl.constexpr,
     WRITE_WS: tl.constexpr,
     F32: tl.constexpr,
+    SYNC: tl.constexpr = 8,
 ):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -148,6 +150,8 @@ def score_kernel(
         end = tl.minimum(start + split_len, S)
         runmax = tl.full([RP], NEG_INF, tl.float32)
         known = tl.full([RP], NEG_INF, tl.float32)
+        pending = tl.full([RP], NEG_INF, tl.float32)
+        it = tl.full([], 0, tl.int32)
         cnt = tl.full([], 0, tl.int32)
         last = tl.full([], 0, tl.int32)
         for n0 in range(start, end, BLOCK_N):
@@ -175,19 +179,24 @@ def score_kernel(
             runmax = tl.maximum(runmax, tmax)
             last = tl.maximum(last, tl.max(tl.where(tokv, pos + 1, 0)))
             if KEEP:
-                old = tl.atomic_max(gmax_ptr + bh64 * RP + r, tmax, mask=rmask)
+                known = tl.maximum(known, pending)  # the previous exchange's answer, one tile late
+                if it % SYNC == 0:
+                    old = tl.atomic_max(gmax_ptr + bh64 * RP + r, runmax, mask=rmask)
+                    pending = tl.where(rmask, old, NEG_INF)
                 thr = tl.maximum(known, runmax) - 1.0
-                known = tl.maximum(known, tl.where(rmask, old, NEG_INF))
                 keep = tl.sum((zhi > thr[:, None]).to(tl.int32), axis=0) > 0
                 ki = keep.to(tl.int32)
-                slot = cnt + tl.cumsum(ki, 0) - 1
-                ok = keep & (slot < segcap)
-                tl.store(idx_base + slot, pos, mask=ok)
-                zptr = zlo_base + r[:, None] * segcap + slot[None, :]
-                tl.store(zptr, zlo, mask=rmask[:, None] & ok[None, :])
-                if SRC != 0:
-                    tl.store(zptr + R * segcap, zhi, mask=rmask[:, None] & ok[None, :])
-                cnt += tl.sum(ki)
+                nk = tl.sum(ki)
+                if nk > 0:
+                    slot = cnt + tl.cumsum(ki, 0) - 1
+                    ok = keep & (slot < segcap)
+                    tl.store(idx_base + slot, pos, mask=ok)
+                    zptr = zlo_base + r[:, None] * segcap + slot[None, :]
+                    tl.store(zptr, zlo, mask=rmask[:, None] & ok[None, :])
+                    if SRC != 0:
+                        tl.store(zptr + R * segcap, zhi, mask=rmask[:, None] & ok[None, :])
+                    cnt += nk
+                it += 1
             if WRITE_WS:
                 wptr = ws_ptr + (bh64 * R + r[:, None]) * S + pos[None, :]
                 tl.store(wptr, zlo, mask=rmask[:, None] & inr[None, :])

@@ -8,6 +8,13 @@ strides or dtype — checked on the host, so not during CUDA-graph replay), when
 shorter or jumps ahead by more than one step (checked on device), and after :func:`reset_all`.
 Working memory (:class:`~entmaxkv_compile.kernels.launch.Scratch`) is shared by sites with the same plan.
 
+CUDA graphs: both are allocated on a site's first call, which must not be inside a stream capture (a
+clear error says to run one eager step first, as ``torch.cuda.graph`` users and ``mode="reduce-overhead"``
+warm-up both do). The allocation runs on a helper thread, so it never lands in a graph memory pool that the
+calling thread may be routed to (cudagraph trees warm up inside their pool, and would later hand that
+memory to other graphs), and its initialising fills are never captured. A captured step then only reads
+and writes these buffers, with lengths and watermarks on device (no host sync, no data-dependent shapes).
+
 Anything the kernels do not cover returns ``None`` (the op then runs the reference) with the reason
 logged once.
 """
@@ -15,7 +22,10 @@ logged once.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -27,7 +37,9 @@ log = logging.getLogger("entmaxkv_compile")
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ROWS = 64  # query rows per KV group (G·Lq) the kernels score in one tile
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 3  # exact scoring pass: 4 warps × 142 registers (sm_90, triton 3.6) ⇒ 3 per SM
+
+T = TypeVar("T")
 
 _logged: set[str] = set()
 _scratch: dict[tuple[torch.device, Plan], Scratch] = {}
@@ -79,6 +91,36 @@ def unsupported_reason(
     return None
 
 
+def _persistent(make: Callable[[], T], device: torch.device) -> T:
+    """``make()`` with its CUDA allocations in the ordinary caching-allocator pool, finished on device.
+
+    Runs on a helper thread: pools that graph capture or cudagraph-tree warm-up route allocations to are
+    per thread, so long-lived buffers never borrow graph-pool memory."""
+    if device.type != "cuda":
+        return make()
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "entmaxkv: a decode site's first call is being captured in a CUDA graph; run one eager step "
+            "before capture (its per-site buffers are allocated then)"
+        )
+    box: list = []
+
+    def work() -> None:
+        try:
+            with torch.cuda.device(device):
+                box.append(make())
+                torch.cuda.current_stream(device).synchronize()
+        except BaseException as e:  # re-raised on the calling thread
+            box.append(e)
+
+    t = threading.Thread(target=work, name="entmaxkv-alloc")
+    t.start()
+    t.join()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
 def _cache_key(k: Tensor) -> tuple:
     return (k.data_ptr(), tuple(k.shape), k.stride(), k.dtype, k.device)
 
@@ -87,9 +129,15 @@ def _state(site: int, plan: Plan, k: Tensor) -> SiteState:
     key = _cache_key(k)
     st = _sites.get(site)
     if st is None or st.plan != plan:
-        st = SiteState(plan, key, SiteBuffers(plan, k.device, k.dtype))
+        st = SiteState(plan, key, _persistent(lambda: SiteBuffers(plan, k.device, k.dtype), k.device))
         _sites[site] = st
     elif st.cache_key != key:
+        if k.is_cuda and torch.cuda.is_current_stream_capturing():
+            log.warning(
+                "entmaxkv: site %d sees a new cache tensor during CUDA-graph capture; every replay "
+                "rebuilds its metadata",
+                site,
+            )
         st.cache_key = key
         st.buffers.wm.fill_(-1)
     return st
@@ -138,7 +186,7 @@ def decode_site(
     st = _state(site, plan, k)
     scratch = _scratch.get((q.device, plan))
     if scratch is None:
-        scratch = _scratch[(q.device, plan)] = Scratch(plan, q.device)
+        scratch = _scratch[(q.device, plan)] = _persistent(lambda: Scratch(plan, q.device), q.device)
     return decode(plan, scratch, st.buffers, q, k, v, bias, scale, alpha, config)
 
 

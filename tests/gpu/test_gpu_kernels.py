@@ -134,6 +134,51 @@ def test_cuda_graph_replay_across_page_boundary(policy):
     assert torch.equal(eager, static_out)
 
 
+def test_capture_of_a_sites_first_call_is_refused():
+    q, k, v, bias = _case(1, 8, 2, 1, 512, 64, torch.bfloat16)
+    cfg, site = EntmaxKVConfig(policy="certified"), next(SITE)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="eager step"), torch.cuda.graph(graph):
+        ops_cuda.decode_site(q, k, v, bias, 64**-0.5, 1.5, site, cfg, 528)
+    assert site not in ops_cuda._sites
+
+
+@pytest.mark.parametrize("policy", ["certified-int8", "topk"])
+def test_reduce_overhead_replay_across_page_boundary(policy):
+    """``torch.compile(mode="reduce-overhead")`` (cudagraph trees: warm-up inside the graph pool, then
+    capture) over the op, the cache a static address written in place, replayed across a page boundary:
+    equal to the eager op, and the metadata advanced incrementally (watermark) rather than rebuilt."""
+    from entmaxkv_compile.ops.decode import config_to_json
+
+    b, hq, hkv, s, d = 1, 16, 4, 2048, 128
+    q, k_full, v_full, _ = _case(b, hq, hkv, 1, s, d, torch.bfloat16, seed=5)
+    k, v = torch.zeros_like(k_full), torch.zeros_like(v_full)
+    bias = torch.full((b, 1, 1, s), NEG, device="cuda")
+    for t in (k, v, bias):
+        torch._dynamo.mark_static_address(t)
+    cfg = EntmaxKVConfig(**POLICIES[policy], page_size=16)
+    site, scale, cfg_json = next(SITE), d**-0.5 * 2, config_to_json(cfg)
+
+    def step(q):
+        return torch.ops.entmaxkv.decode_attn(q, k, v, bias, scale, 1.5, site, cfg_json)
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    length = 1017
+    for n in range(length, length + 14):  # warm-up, recording, then replays past position 1024
+        k[:, :, :n], v[:, :, :n] = k_full[:, :, :n], v_full[:, :, :n]
+        bias[..., :n] = 0.0
+        out = compiled(q).clone()
+        wm = ops_cuda.site_stats(site)["watermark"].tolist()
+        if policy == "topk":
+            ref = decode_attention(q, k, v, scale=scale, alpha=1.5, bias=bias, config=cfg)[0]
+        else:
+            ref = dense_decode(q, k, v, scale=scale, alpha=1.5, bias=bias)
+        assert _err(out, ref) < TOL[torch.bfloat16], n
+        assert wm == [n] * hkv, n
+    eager = torch.ops.entmaxkv.decode_attn(q, k, v, bias, scale, 1.5, site, cfg_json)
+    assert _err(eager, out) < TOL[torch.bfloat16] / 4
+
+
 def test_cache_past_int32_elements():
     """K and V of 16 × (2²⁰ + 128) × 128 elements (> 2³¹): int64 offsets everywhere."""
     b, hq, hkv, s, d = 1, 16, 16, 2**20 + 128, 128
