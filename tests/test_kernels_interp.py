@@ -1,15 +1,13 @@
 """Every Triton kernel pipeline on CPU tensors through the Triton interpreter, against the reference.
 
-Small shapes (B·Hkv ≤ 4, S ≤ 256, tens of programs). ``TRITON_INTERPRET`` is set before any kernel
-module is imported; the module skips when Triton (or numpy, which its interpreter needs) is missing.
+Small shapes (B·Hkv ≤ 4, S ≤ 256, tens of programs). ``tests/conftest.py`` sets ``TRITON_INTERPRET``
+on machines without a GPU before any kernel module is imported; the module skips on a GPU machine
+(the kernels are compiled there: tests/gpu/) and when Triton or numpy is missing.
 """
 
 from __future__ import annotations
 
 import math
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch
@@ -22,8 +20,8 @@ from entmaxkv_compile.kernels.launch import INTERPRET, Scratch, SiteBuffers, dec
 from entmaxkv_compile.ops import cuda as ops_cuda  # noqa: E402
 from entmaxkv_compile.reference.decode import decode_attention, dense_decode  # noqa: E402
 
-if not INTERPRET:  # the kernels were imported elsewhere first, compiled for a GPU
-    pytest.skip("kernel modules were imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+if not INTERPRET:
+    pytest.skip("kernels are compiled for the GPU here (TRITON_INTERPRET unset)", allow_module_level=True)
 
 NEG = -math.inf
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # the interpreter truncates to bf16
