@@ -2,12 +2,13 @@ import os
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 # Without a GPU, Triton kernels run in the interpreter on CPU tensors (tests/test_kernels_interp.py).
 # It must be chosen before any kernel module is imported, which other test modules may do first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch._dynamo.utils import counters  # noqa: E402  (imports triton: after the choice above)
 
 
 def pytest_collection_modifyitems(config, items):
