@@ -77,12 +77,12 @@ def sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def greedy(
-    model: EntmaxLM, compiled: Any, prompt: Tensor, new_tokens: int, device: torch.device
+    model: EntmaxLM, compiled: Any, prompt: Tensor, start: int, new_tokens: int, device: torch.device
 ) -> tuple[list[int], list[float]]:
     """Greedy tokens after ``prompt`` (prefilled eagerly: prefill is not what the backend rewrites, and a
     long one compiles slowly) and the wall time (s) of each compiled decode step after the first."""
-    n = prompt.shape[1]
-    logits = model(prompt, input_pos=torch.arange(n, device=device))
+    n = start + prompt.shape[1]
+    logits = model(prompt, input_pos=torch.arange(start, n, device=device))
     tok = logits[:, -1].argmax(-1, keepdim=True)
     tokens, times = [int(tok)], []
     for i in range(n, n + new_tokens - 1):
@@ -108,15 +108,34 @@ def build(args: argparse.Namespace, device: torch.device) -> EntmaxLM:
     return model.to(device).eval()
 
 
-def decode(model: EntmaxLM, args: argparse.Namespace, config: EntmaxKVConfig, device: torch.device) -> dict:
+@torch.no_grad()
+def fill_synthetic(model: EntmaxLM, length: int, seed: int, head_offset: int) -> None:
+    """Write seeded random K/V at positions ``0..length−1`` of every cache. Global KV head ``h`` of layer
+    ``l`` gets the same values whichever rank holds it (``head_offset``: the rank's first global head),
+    so sharded and unsharded runs see one context without a long prefill."""
+    for layer, attn in enumerate(model.attention_layers):
+        cache = attn.cache
+        assert cache is not None
+        for i in range(attn.n_kv_heads):
+            for j, buf in enumerate((cache.k, cache.v)):
+                g = torch.Generator(buf.device).manual_seed(
+                    seed + 7919 * (2 * (layer * 4096 + head_offset + i) + j)
+                )
+                buf[0, i, :length] = torch.randn(length, buf.shape[-1], generator=g, device=buf.device)
+
+
+def decode(
+    model: EntmaxLM, args: argparse.Namespace, config: EntmaxKVConfig, device: torch.device, head_offset: int
+) -> dict:
     counters.clear()
     log: list[dict[str, Any]] = []
     model.setup_cache(1, args.max_len)
+    fill_synthetic(model, args.context, args.seed, head_offset)
     compiled = torch.compile(model, backend=inspecting_backend(config, log), dynamic=False)
     g = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, model.cfg.vocab_size, (1, args.prompt_len), generator=g).to(device)
     entmaxkv_compile.reset()
-    tokens, times = greedy(model, compiled, prompt, args.new_tokens, device)
+    tokens, times = greedy(model, compiled, prompt, args.context, args.new_tokens, device)
     return {
         "tokens": tokens,
         "ms_per_token": 1e3 * statistics.median(times),
@@ -139,14 +158,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=int, default=48)
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=64, help="static cache length")
+    ap.add_argument(
+        "--context", type=int, default=0, help="positions before the prompt filled with seeded random K/V"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-reference", action="store_true", help="skip the unsharded run (context too large)")
     ap.add_argument("--json", help="write rank r's results to JSON.rank<r>.json")
     args = ap.parse_args(argv)
     if args.new_tokens < 3:
         ap.error("--new-tokens must be >= 3 (the first decode step compiles and is not timed)")
-    if args.prompt_len + args.new_tokens > args.max_len:
-        ap.error("--prompt-len + --new-tokens must fit in --max-len")
+    if args.context + args.prompt_len + args.new_tokens > args.max_len:
+        ap.error("--context + --prompt-len + --new-tokens must fit in --max-len")
     return args
 
 
@@ -167,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     model = build(args, device)
     out: dict[str, Any] = {"rank": rank, "world": world, "backend": backend, "device": str(device)}
     if rank == 0 and not args.no_reference:
-        out["reference"] = decode(copy.deepcopy(model), args, config, device)
+        out["reference"] = decode(copy.deepcopy(model), args, config, device, head_offset=0)
     dist.barrier()
-    out["sharded"] = decode(shard_heads(model, mesh), args, config, device)
+    shard_heads(model, mesh)
+    out["sharded"] = decode(model, args, config, device, head_offset=rank * model.layers[0].attn.n_kv_heads)
     dist.barrier()
 
     ok = True

@@ -28,6 +28,7 @@ def run_example(tmp_path: Path, nproc: int, backend: str, timeout: int) -> list[
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd += [str(ROOT / "examples" / "tensor_parallel.py"), "--backend", backend, "--json", str(out)]
     cmd += ["--layers", str(LAYERS), "--heads", str(HEADS), "--kv-heads", str(KV_HEADS)]
+    cmd += ["--context", "160", "--max-len", "256"]  # seeded K/V context: each rank fills its own heads
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
