@@ -229,9 +229,8 @@ class EntmaxLM(nn.Module):
     def setup_cache(self, batch: int, max_len: int) -> None:
         """Allocate static fp32 K/V caches of ``max_len`` positions for ``batch`` sequences."""
         device = self.embed.weight.device
-        c = self.cfg
-        for blk in self.layers:
-            blk.attn.cache = KVCache(batch, c.n_kv_heads, max_len, c.head_dim, device)
+        for blk in self.layers:  # the layer's own head count: local heads once sharded by head
+            blk.attn.cache = KVCache(batch, blk.attn.n_kv_heads, max_len, self.cfg.head_dim, device)
         self.max_len = max_len
 
     @property
