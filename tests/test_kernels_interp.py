@@ -191,7 +191,7 @@ def test_incremental_metadata_across_steps(policy):
         out = ops_cuda.decode_site(q, k_cache, v_cache, bias, scale, 1.5, site, cfg, n_programs=4, block_n=16)
         ref, _ = decode_attention(q, k_cache, v_cache, scale=scale, alpha=1.5, bias=bias, config=cfg)
         assert _err(out, ref) < 1e-5, length
-        return ops_cuda._sites[site].buffers
+        return ops_cuda._sites[(site, k_cache.device)].buffers
 
     k_cache[:, :, :40], v_cache[:, :, :40] = k[:, :, :40], v[:, :, :40]  # prefill
     for length in range(40, 44):

@@ -52,7 +52,7 @@ class SiteState:
     buffers: SiteBuffers
 
 
-_sites: dict[int, SiteState] = {}
+_sites: dict[tuple[int, torch.device], SiteState] = {}  # (site, device): one site may run on several GPUs
 
 
 def _skip(reason: str) -> None:
@@ -127,10 +127,10 @@ def _cache_key(k: Tensor) -> tuple:
 
 def _state(site: int, plan: Plan, k: Tensor) -> SiteState:
     key = _cache_key(k)
-    st = _sites.get(site)
+    st = _sites.get((site, k.device))
     if st is None or st.plan != plan:
         st = SiteState(plan, key, _persistent(lambda: SiteBuffers(plan, k.device, k.dtype), k.device))
-        _sites[site] = st
+        _sites[(site, k.device)] = st
     elif st.cache_key != key:
         if k.is_cuda and torch.cuda.is_current_stream_capturing():
             log.warning(
@@ -196,9 +196,13 @@ def reset_all() -> None:
         st.buffers.wm.fill_(-1)
 
 
-def site_stats(site: int) -> dict[str, Tensor]:
+def site_stats(site: int, device: torch.device | str | None = None) -> dict[str, Tensor]:
     """Last step's device statistics of ``site`` (live views, no sync): ``mode`` per KV group (0 sparse /
     certified, 1 dense, 2 dense via the workspace), ``candidates`` per KV group (exact key rows gathered by
-    ``certified``), ``support`` per query row, ``watermark`` per KV group."""
-    b = _sites[site].buffers
+    ``certified``), ``support`` per query row, ``watermark`` per KV group. ``device`` is needed only when
+    the site has run on several devices."""
+    found = [d for s, d in _sites if s == site and (device is None or d == torch.device(device))]
+    if len(found) != 1:
+        raise KeyError(f"site {site} has state on {len(found)} matching devices; pass device=")
+    b = _sites[(site, found[0])].buffers
     return {"mode": b.mode, "candidates": b.candidates, "support": b.support, "watermark": b.wm}
