@@ -189,3 +189,39 @@ def test_gpu_nan_masked_ragged_strided(policy: str) -> None:
     torch.testing.assert_close(
         run(q, ks, v, None, policy).float(), dense(q, k, v).float(), atol=2e-3, rtol=2e-3
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["dense", "certified"])
+def test_gpu_nan_in_one_head_stays_in_its_row(policy: str) -> None:
+    q, k, v = qkv(s=300, d=64, device="cuda", dtype=torch.float16)
+    q[0, 1, 0, 3] = math.nan
+    out, ref = (
+        run(q, k, v, None, policy, sketch_group=32),
+        dense(q.cpu().float(), k.cpu().float(), v.cpu().float()),
+    )
+    assert out[0, 1].isnan().all()
+    out[0, 1] = 0
+    ref[0, 1] = 0
+    torch.testing.assert_close(out.float().cpu(), ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["dense", "certified"])
+def test_gpu_cache_beyond_2_pow_31_elements(policy: str) -> None:
+    """k, v [1, 1, 2^25 + 1024, 64] fp16 (> 2^31 elements each, 4 GiB): only the last 700 slots are valid,
+    so every address the kernels touch lies past 2^31 elements."""
+    s = 2**25 + 1024
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.empty(1, 1, s, 64, device="cuda", dtype=torch.float16)
+    v = torch.empty_like(k)
+    k[:, :, -1024:].normal_(generator=g)
+    v[:, :, -1024:].normal_(generator=g)
+    assert k.numel() > 2**31
+    q = torch.randn(1, 4, 1, 64, device="cuda", dtype=torch.float16, generator=g)
+    bias = torch.full((1, 1, 1, s), -math.inf, device="cuda")
+    bias[..., -700:] = 0
+    out = run(q, k, v, bias, policy, sketch_group=32)
+    tail = [t[:, :, -1024:].cpu().float() for t in (k, v)]
+    ref = dense(q.cpu().float(), *tail, bias[..., -1024:].cpu())
+    torch.testing.assert_close(out.float().cpu(), ref, atol=2e-3, rtol=2e-3)
