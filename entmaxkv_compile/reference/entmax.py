@@ -60,8 +60,10 @@ def _threshold_sorted(z: Tensor, alpha: float) -> Tensor:
         mean_sq = (zs0 * zs0).cumsum(-1) / k
         delta = (1 - k * (mean_sq - mean * mean)) / k
         tau_k = mean - torch.sqrt(delta.clamp_min(0))
-    support = valid & (tau_k < zs)
-    # the support is a prefix of the sorted order; its size picks the matching prefix threshold
+    # the support is a prefix of the sorted order; its size picks the matching prefix threshold. Counted
+    # as the leading run: huge finite fills (finfo.min) overflow the prefix sums to −inf, and a −inf τ_k
+    # would otherwise admit them past the true support
+    support = (valid & (tau_k < zs)).int().cumprod(-1)
     k_star = support.sum(-1, keepdim=True).clamp_min(1)
     return tau_k.gather(-1, k_star - 1)
 
