@@ -102,42 +102,33 @@ class Variant:
         return None if ok and self.s == 1 else ok
 
 
-NEAR_MISSES = ("normaliser", "alpha", "dim", "scale", "mask", "dtype", "prefill", "sketch")
-
-
 @st.composite
 def variants(draw: st.DrawFn) -> Variant:
-    """About half the variants are true decode sites; the rest carry one near miss (and may carry more)."""
-    miss = draw(st.sampled_from((None,) * 7 + NEAR_MISSES))
-
-    def pick(options: tuple, good: tuple, kind: str):
-        return draw(st.sampled_from(options if miss == kind else good))
-
     product = draw(st.sampled_from(PRODUCTS))
     gqa = "none" if product == "grouped" else draw(st.sampled_from(GQA))
     kv_heads = draw(st.integers(1, 2))
     group = draw(st.integers(2, 3)) if product == "grouped" or gqa != "none" else 1
-    entmaxes = tuple(n for n in sorted(NORMALISERS) if "softmax" not in n)
-    dim = pick((-2,), (-1,), "dim")
+    normaliser = draw(st.sampled_from(sorted(NORMALISERS)))
+    dim = draw(st.sampled_from((-1, -1, -1, -2)))
     # over the query axis a -inf mask can blank a whole slice: eager itself fails or gives NaN there
-    masks = MASKS[:-1] if dim == -1 else ("none", "alibi")
+    masks = MASKS if dim == -1 else ("none", "alibi")
     return Variant(
-        normaliser=pick(("softmax", "hand_softmax"), entmaxes, "normaliser"),
-        alpha=pick((2.5,), ALPHAS[:-1], "alpha"),
+        normaliser=normaliser,
+        alpha=draw(st.sampled_from(ALPHAS)),
         dim=dim,
         product=product,
         gqa=gqa,
-        scale=pick(("tensor", "negate"), SCALES[:4], "scale"),
-        mask=pick(("fill_small",), masks, "mask"),
-        dtype=pick(("fp64",), ("fp32", "fp32", "fp16", "bf16"), "dtype"),
+        scale=draw(st.sampled_from(SCALES)),
+        mask=draw(st.sampled_from(masks)),
+        dtype=draw(st.sampled_from(("fp32", "fp32", "fp16", "bf16", "fp64"))),
         batch=draw(st.integers(1, 3)),
         kv_heads=kv_heads,
         group=group,
-        lq=pick((3,), (1, 1, 1, 3), "prefill"),
+        lq=draw(st.sampled_from((1, 1, 1, 3))),
         s=draw(st.sampled_from((1, 2, 5, 16, 17, 31))),
-        d=pick((4,), (4, 8, 16), "sketch"),
-        max_query_len=pick((1,), (1, 4), "prefill"),
-        policy=pick(("certified",), ("dense", "certified"), "sketch"),
+        d=draw(st.sampled_from((4, 8, 16))),
+        max_query_len=draw(st.sampled_from((1, 4))),
+        policy=draw(st.sampled_from(("dense", "certified"))),
         page_size=draw(st.sampled_from((4, 16))),
         inner=draw(st.sampled_from(("eager", "eager", "aot_eager"))),
     )
@@ -245,7 +236,10 @@ def inputs(v: Variant, seed: int) -> tuple[Tensor, ...]:
 
 
 def tolerance(v: Variant) -> dict[str, float]:
-    if v.dtype in ("fp16", "bf16"):
+    # the op scores in fp32 from the fp16/bf16 q, k; eager rounds the scores to the input dtype first
+    if v.dtype == "bf16":
+        return {"atol": 0.1, "rtol": 0.05}
+    if v.dtype == "fp16":
         return {"atol": 2e-2, "rtol": 2e-2}
     return {"atol": 1e-4, "rtol": 1e-4}
 
