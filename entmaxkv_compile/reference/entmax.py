@@ -63,7 +63,8 @@ def _threshold_sorted(z: Tensor, alpha: float) -> Tensor:
     # the support is a prefix of the sorted order; its size picks the matching prefix threshold. Counted
     # as the leading run: huge finite fills (finfo.min) overflow the prefix sums to −inf, and a −inf τ_k
     # would otherwise admit them past the true support
-    support = (valid & (tau_k < zs)).int().cumprod(-1)
+    # (a cumsum, not a cumprod: the export path lowers this function to ONNX, which has no prod)
+    support = (valid & (tau_k < zs)).to(z.dtype).cumsum(-1) == k
     k_star = support.sum(-1, keepdim=True).clamp_min(1)
     return tau_k.gather(-1, k_star - 1)
 
