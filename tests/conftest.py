@@ -27,3 +27,19 @@ def fresh_dynamo():
     counters.clear()
     yield
     torch._dynamo.reset()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Counts of the fuzzed graph zoo (tests/test_fuzz_zoo.py), printed whenever it ran."""
+    import sys
+
+    fuzz = next((m for n, m in list(sys.modules.items()) if n.endswith("test_fuzz_zoo")), None)
+    if fuzz is None or not fuzz.COUNTS["variants"]:
+        return
+    c = fuzz.COUNTS
+    terminalreporter.write_sep("-", "entmaxkv fuzzed graph zoo")
+    terminalreporter.write_line(
+        f"variants generated: {c['variants']}, rewritten: {c['rewritten']}, left alone: {c['left alone']} "
+        f"(of which accepted misses on a one-token cache: {c['missed (accepted: one-token cache)']}), "
+        f"mismatches: {c['mismatches']}, wrong rewrite decisions: {c['wrong rewrite decisions']}"
+    )

@@ -110,3 +110,12 @@ def test_threshold_solves_the_mass_equation(x: np.ndarray, alpha: float) -> None
     torch.testing.assert_close(
         entmax(torch.from_numpy(x).float()[None], alpha).double(), ref, atol=1e-5, rtol=0
     )
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_finfo_min_fills_never_enter_the_support(alpha: float) -> None:
+    """Two finfo.min fills overflow the sorted prefix sums to −inf (found by tests/test_fuzz_zoo.py)."""
+    low = torch.finfo(torch.float32).min
+    x = torch.tensor([[-1.8636, low, low, 1.5895, 0.2708]])
+    expected = entmax(torch.tensor([[-1.8636, -math.inf, -math.inf, 1.5895, 0.2708]]), alpha)
+    torch.testing.assert_close(entmax(x, alpha), expected)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..config import EntmaxKVConfig
-from ..reference.decode import decode_attention, softmax_topk_decode
+from ..reference.decode import attention_scores, decode_attention, softmax_topk_decode
 
 log = logging.getLogger("entmaxkv_compile")
 
@@ -50,6 +50,7 @@ def decode_attn(
     site: int,
     config: str,
 ) -> Tensor:
+    check_inputs(q, k, v, bias)
     cfg = config_from_json(config)
     if alpha == 1.0:  # a softmax site rewritten on opt-in (softmax_topk): Quest-style top-k, reference only
         return softmax_topk_decode(q, k, v, scale=scale, bias=bias, config=cfg)
@@ -59,7 +60,23 @@ def decode_attn(
         out = decode_cuda(q, k, v, bias, scale, alpha, site, cfg)
         if out is not None:
             return out
-    return decode_attention(q, k, v, scale=scale, alpha=alpha, bias=bias, config=cfg)[0]
+    out = decode_attention(q, k, v, scale=scale, alpha=alpha, bias=bias, config=cfg)[0]
+    # NaN or +inf scores make eager entmax NaN; the reference would hide them as zero weights
+    s = attention_scores(q, k, scale=scale, bias=bias)
+    poisoned = (s.isnan() | (s == float("inf"))).any(-1, keepdim=True)
+    return out.masked_fill(poisoned, float("nan"))
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> None:
+    """Clear errors for inputs no decode path can run (everything else runs, exactly)."""
+    if any(not t.dtype.is_floating_point for t in (q, k, v)):
+        raise TypeError(f"decode_attn needs floating-point q/k/v, got {q.dtype}/{k.dtype}/{v.dtype}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"decode_attn needs 4-D q/k/v [B, H, L, D], got {q.dim()}/{k.dim()}/{v.dim()}-D")
+    if len({t.device for t in (q, k, v)} | ({bias.device} if bias is not None else set())) > 1:
+        raise ValueError("decode_attn: q, k, v and bias must be on one device")
+    if k.shape[2] == 0:
+        raise ValueError("decode_attn: the KV cache is empty (S = 0): there is nothing to attend to")
 
 
 @decode_attn.register_fake

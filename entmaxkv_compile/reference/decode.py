@@ -118,6 +118,7 @@ def _page_selection(
     ps, hkv = config.page_size, k.shape[1]
     kmin, kmax = page_metadata(k, ps, valid)
     u = page_upper_bound(q, kmin, kmax, scale, bias, ps)  # [B, Hq, Lq, P]
+    u = u.masked_fill(u.isnan(), math.inf)  # NaN q or k: the page cannot be excluded (nor its group)
     gb = group_bound(u, hkv)
     nonempty = gb > NEG_INF
     n_pages = gb.shape[-1]

@@ -60,8 +60,11 @@ def _threshold_sorted(z: Tensor, alpha: float) -> Tensor:
         mean_sq = (zs0 * zs0).cumsum(-1) / k
         delta = (1 - k * (mean_sq - mean * mean)) / k
         tau_k = mean - torch.sqrt(delta.clamp_min(0))
-    support = valid & (tau_k < zs)
-    # the support is a prefix of the sorted order; its size picks the matching prefix threshold
+    # the support is a prefix of the sorted order; its size picks the matching prefix threshold. Counted
+    # as the leading run: huge finite fills (finfo.min) overflow the prefix sums to −inf, and a −inf τ_k
+    # would otherwise admit them past the true support
+    # (a cumsum, not a cumprod: the export path lowers this function to ONNX, which has no prod)
+    support = (valid & (tau_k < zs)).to(z.dtype).cumsum(-1) == k
     k_star = support.sum(-1, keepdim=True).clamp_min(1)
     return tau_k.gather(-1, k_star - 1)
 
