@@ -207,3 +207,7 @@ def test_incremental_metadata_across_steps(policy):
     ops_cuda.reset_all()  # unrelated content at an unsuspicious length: the explicit reset
     step(21)
     assert buf.wm.tolist() == [21, 21]
+    k_cache[:, :, :22] = torch.randn(1, 2, 22, d) * 3  # a new sequence one token longer: looks like an append
+    step(22)  # the probed keys changed: rebuilt, still equal to the reference
+    for name in ("codes", "scales", "res") if policy == "certified" else ("kmin", "kmax"):
+        assert torch.equal(getattr(buf, name), getattr(step(22, site=9), name)), name
