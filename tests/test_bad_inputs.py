@@ -68,7 +68,7 @@ def test_float64_op_call_is_exact() -> None:
 
 def test_alpha_outside_range_raises() -> None:
     q, k, v = qkv()
-    for alpha in (1.0, 2.5, -1.0):
+    for alpha in (0.5, 2.5, -1.0):  # (α = 1 is the op's softmax top-k mode, on the softmax_topk opt-in)
         with pytest.raises(ValueError, match=r"outside \(1, 2\]"):
             OP(q, k, v, None, 0.25, alpha, 0, cfg())
 
