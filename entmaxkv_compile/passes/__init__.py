@@ -61,6 +61,8 @@ def analyze(gm: fx.GraphModule, example_inputs: list[Any], config: EntmaxKVConfi
                 out.sites.append(matcher.match(node, float(node.args[1]), config, constant, kind))
             except Unsupported as e:
                 out.unmatched.append(UnmatchedSite(kind, nodes.where(node), str(e)))
+            except Exception as e:  # a bug of the matcher on one site must not fail the user's compile
+                out.unmatched.append(UnmatchedSite(kind, nodes.where(node), internal_error(e)))
         elif k == "softmax":
             try:
                 site = matcher.match(node, None, config, constant, "softmax")
@@ -78,6 +80,11 @@ def analyze(gm: fx.GraphModule, example_inputs: list[Any], config: EntmaxKVConfi
     return out
 
 
+def internal_error(e: Exception) -> str:
+    log.warning("entmaxkv: internal error on one site, left dense", exc_info=e)
+    return f"internal error of the pass, left dense: {type(e).__name__}: {e}"
+
+
 def apply(gm: fx.GraphModule, example_inputs: list[Any], config: EntmaxKVConfig) -> Analysis:
     """Rewrite every matched decode site of ``gm`` in place; counts, logs and returns what happened."""
     analysis = analyze(gm, example_inputs, config)
@@ -85,9 +92,17 @@ def apply(gm: fx.GraphModule, example_inputs: list[Any], config: EntmaxKVConfig)
     if failed and config.on_unsupported == "error":
         raise Unsupported("entmax sites the pass cannot rewrite:\n" + "\n".join(map(str, failed)))
     cfg = config_to_json(config)
-    for site in analysis.sites:
+    for site in list(analysis.sites):
         site_id = next(_SITE_IDS)
-        rewrite.rewrite(gm, site, site_id, cfg)
+        before = set(gm.graph.nodes)
+        try:
+            rewrite.rewrite(gm, site, site_id, cfg)
+        except Exception as e:  # the emitted nodes are unused until the final swap: drop them, stay dense
+            for n in reversed([n for n in gm.graph.nodes if n not in before]):
+                gm.graph.erase_node(n)
+            analysis.sites.remove(site)
+            analysis.unmatched.append(UnmatchedSite(site.info.kind, site.info.where, internal_error(e)))
+            continue
         site.info = replace(site.info, site=site_id)
         counters["entmaxkv"]["decode_attn"] += 1
         log.info("entmaxkv: rewrote %s", site.info)

@@ -10,7 +10,7 @@ them:
 2. Between ``M1`` and ``P``, the candidate inputs ``X`` of the normaliser are the nodes every path
    ``M1 → P`` passes through (cut vertices), tried from the closest to ``P`` back.  The *region*
    ``X → P`` must be a pure function of ``X`` (other inputs: literals, parameters, buffers).
-3. Run the region on a random probe of ``X``'s shape (real tensors, no graph input involved), find
+3. Run the region on random probes of ``X``'s shape (real tensors, no graph input involved), find
    the axis along which the output sums to 1, fit α from the output (on the support
    ``p^(α−1)/(α−1) − x`` is constant), and accept only if the project's reference entmax with that α
    reproduces the output to within the dtype's tolerance.
@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
+from ..reference.entmax import _shifted_threshold, entmax_probs
 from ..reference.entmax import entmax as reference_entmax
 from . import nodes
 from .rewrite import Emitter, erase_dead
@@ -40,6 +41,8 @@ _FOLD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_REGION = 4096  # nodes; an unrolled 50-step bisection is ~400
 _TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 _HALF_TOL = 2e-2
+_ALPHA_FLOOR = 1.05  # smallest α the fit searches; a fit there is not trusted (bf16 softmax-like regions)
+_SPREADS = (8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.1)  # standard deviations of the probes
 
 
 def canonicalize(gm: fx.GraphModule, constant: nodes.Constants) -> list[tuple[fx.Node, str, str]]:
@@ -54,7 +57,15 @@ def canonicalize(gm: fx.GraphModule, constant: nodes.Constants) -> list[tuple[fx
         m1 = _nearest_product(p)
         if m1 is None:
             continue
-        left = _fold(gm, m1, p, constant)
+        before = set(gm.graph.nodes)
+        try:
+            left = _fold(gm, m1, p, constant)
+        except Exception as e:  # one region we cannot analyse must not fail the user's compile
+            from . import internal_error
+
+            for n in reversed([n for n in gm.graph.nodes if n not in before]):
+                gm.graph.erase_node(n)  # a fold that failed before its swap: the new nodes are unused
+            left = "unknown", internal_error(e)
         if left:
             rejected.append((p, *left))
     return rejected
@@ -124,9 +135,14 @@ def _fold(gm: fx.GraphModule, m1: fx.Node, p: fx.Node, constant: nodes.Constants
         return None
     left = None
     for x in reversed(_cuts(window)[:-1]):
-        probe = _probe(x)
-        out = _run(window[window.index(x) + 1 :], x, probe, constant) if probe is not None else None
-        found = _identify(probe, out) if out is not None else None
+        region = window[window.index(x) + 1 :]
+        probes = _probes(x)
+        outs = [_run(region, x, probe, constant) for probe in probes]
+        if not probes or any(out is None for out in outs):
+            continue
+        # identified on all probes at once: α is one number for every probe
+        probe = torch.stack(probes)
+        found = _identify(probe, torch.stack(outs))
         if isinstance(found, str):
             left = left or ("unknown", found)
         if not isinstance(found, tuple):
@@ -147,15 +163,17 @@ def _fold(gm: fx.GraphModule, m1: fx.Node, p: fx.Node, constant: nodes.Constants
     return left
 
 
-def _probe(x: fx.Node) -> Tensor | None:
+def _probes(x: fx.Node) -> list[Tensor]:
+    """Random inputs of ``x``'s shape at several spreads: a wide one alone leaves few rows with two or more
+    support entries (at S = 2 one row), and then nearly any α fits — α = 2.5 once passed as 1.974."""
     v = nodes.val(x)
     if not isinstance(v, Tensor) or not v.is_floating_point() or any(not isinstance(s, int) for s in v.shape):
-        return None
+        return []
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():
         g = torch.Generator().manual_seed(0)
-        return (torch.randn(v.shape, generator=g) * 2).to(device=v.device, dtype=v.dtype)
+        return [(torch.randn(v.shape, generator=g) * s).to(device=v.device, dtype=v.dtype) for s in _SPREADS]
 
 
 def _run(region: list[fx.Node], x: fx.Node, probe: Tensor, constant: nodes.Constants) -> Tensor | None:
@@ -202,14 +220,29 @@ def _identify(x: Tensor, p: Tensor) -> tuple[float, int] | str | None:
     if bool((pf > 0).all()):
         return "a dense normaliser (softmax-like), not α-entmax"
     alpha = _fit_alpha(xf.movedim(dim, -1), pf.movedim(dim, -1))
+    if alpha <= _ALPHA_FLOOR + 1e-3:  # the search stopped at its floor: the best α may lie below it
+        return f"not α-entmax (best fit α is at the searched floor {_ALPHA_FLOOR:g}: softmax-like)"
     candidates = [round(alpha, 3), alpha]
     candidates = [c for c in (1.5, 2.0) if abs(c - alpha) < 0.02] + candidates
     for a in candidates:
         if 1.0 < a <= 2.0:
             ref = reference_entmax(x.float(), a, dim).double()
             if (ref - pf).abs().max() <= tol:
+                # identifiable only if the probes also rule out α + 0.5 (beyond the op's range for α > 1.5):
+                # a 2.5-entmax on uninformative probes once fitted α = 1.974 (now caught by the spreads)
+                if (_any_alpha_entmax(x, a + 0.5, dim) - pf).abs().max() <= tol:
+                    return f"α is not identifiable on this shape (α={a:g} and α={a + 0.5:g} both fit)"
                 return a, dim - x.dim()
     return f"not α-entmax (best fit α={alpha:.4f} does not reproduce it)"
+
+
+def _any_alpha_entmax(x: Tensor, alpha: float, dim: int) -> Tensor:
+    """α-entmax for any α > 1 (the reference accepts only (1, 2]), in float64."""
+    xt = x.double().movedim(dim, -1)
+    z = (xt - xt.amax(-1, keepdim=True)) * (alpha - 1.0)
+    tau, zmax = _shifted_threshold(z, alpha)
+    p = entmax_probs(z - zmax, tau, alpha)
+    return (p / p.sum(-1, keepdim=True)).movedim(-1, dim)
 
 
 def _fit_alpha(x: Tensor, p: Tensor) -> float:
@@ -224,9 +257,9 @@ def _fit_alpha(x: Tensor, p: Tensor) -> float:
         lo = torch.where(support, c, math.inf).amin(-1)
         return float((hi - lo).mean()) if len(hi) else math.inf
 
-    grid = [1.05 + 0.05 * i for i in range(20)]
+    grid = [_ALPHA_FLOOR + 0.05 * i for i in range(20)]
     best = min(grid, key=spread)
-    lo, hi = max(1.05, best - 0.05), min(2.0, best + 0.05)
+    lo, hi = max(_ALPHA_FLOOR, best - 0.05), min(2.0, best + 0.05)
     ratio = (math.sqrt(5) - 1) / 2
     for _ in range(60):
         a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)

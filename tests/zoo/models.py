@@ -37,7 +37,9 @@ def sort_entmax15(x: Tensor, dim: int = -1) -> Tensor:
     x = x / 2
     x = x - x.amax(dim, keepdim=True)
     xs, _ = torch.sort(x, dim=dim, descending=True)
-    rho = torch.arange(1, x.shape[dim] + 1, dtype=x.dtype, device=x.device)
+    shape = [1] * x.dim()
+    shape[dim] = -1  # ρ runs along ``dim`` (it broadcast along the last axis: any other dim raised)
+    rho = torch.arange(1, x.shape[dim] + 1, dtype=x.dtype, device=x.device).view(shape)
     mean = xs.cumsum(dim) / rho
     mean_sq = (xs * xs).cumsum(dim) / rho
     delta = ((1 - rho * (mean_sq - mean**2)) / rho).clamp(min=0)
