@@ -14,15 +14,10 @@ from entmaxkv_compile.backend import backend
 from entmaxkv_compile.config import EntmaxKVConfig
 
 PROMPT, CACHE = 150, 170
-pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning"),
+    pytest.mark.usefixtures("fresh_dynamo"),
+]
 
 
 @pytest.fixture(scope="module")

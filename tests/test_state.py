@@ -25,14 +25,7 @@ from tests.zoo.models import ZOO
 
 OP = torch.ops.entmaxkv.decode_attn
 CONFIG = EntmaxKVConfig(min_candidates=8, candidate_fraction=0.25, inner_compiler="eager")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def decode_pair(eager, compiled, ids: Tensor, start: int, steps: int) -> None:
