@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..config import EntmaxKVConfig
-from ..reference.decode import attention_scores, decode_attention, softmax_topk_decode
+from ..reference.decode import decode_attention, softmax_topk_decode
 
 log = logging.getLogger("entmaxkv_compile")
 
@@ -60,11 +60,7 @@ def decode_attn(
         out = decode_cuda(q, k, v, bias, scale, alpha, site, cfg)
         if out is not None:  # a NaN/inf query makes its row NaN in eager; the kernels would give zeros
             return out.masked_fill(~torch.isfinite(q).all(-1, keepdim=True), float("nan"))
-    out = decode_attention(q, k, v, scale=scale, alpha=alpha, bias=bias, config=cfg)[0]
-    # NaN or +inf scores make eager entmax NaN; the reference would hide them as zero weights
-    s = attention_scores(q, k, scale=scale, bias=bias)
-    poisoned = (s.isnan() | (s == float("inf"))).any(-1, keepdim=True)
-    return out.masked_fill(poisoned, float("nan"))
+    return decode_attention(q, k, v, scale=scale, alpha=alpha, bias=bias, config=cfg)[0]
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> None:

@@ -267,7 +267,8 @@ def decode_attention(
         delta_bound=delta,
         kv_bytes_fraction=read_bytes / dense_bytes.clamp_min(1),
     )
-    out = out.to(q.dtype)
+    # NaN or +inf scores make eager entmax NaN; the solve above would hide them as zero weights
+    out = out.masked_fill((s.isnan() | (s == math.inf)).any(-1, keepdim=True), math.nan).to(q.dtype)
     if dense_out is not None:
         p_dense = entmax(s, alpha)
         in_dense = p_dense > 0
