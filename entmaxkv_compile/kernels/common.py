@@ -24,6 +24,15 @@ def cvt(x, F32: tl.constexpr):
 
 
 @triton.jit
+def cvt_key(x, k_ptr, F32: tl.constexpr):
+    """A dequantised key sketch (fp32) as ``mm`` operand: rounded to the key dtype unless ``F32``
+    (``update_kernel`` measures the residual against exactly this rounding)."""
+    if not F32:
+        x = x.to(k_ptr.dtype.element_ty)
+    return x
+
+
+@triton.jit
 def mm(a, b, F32: tl.constexpr):
     """``a @ b`` with fp32 accumulation (exact products for 16-bit operands)."""
     if F32:
@@ -108,6 +117,13 @@ def bracket_start(hist, zmax, beta, MODE: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
+def _newton(tau, f, g):
+    """One Newton step on ``f(τ) = Σ[z − τ]_+^β`` towards 1 (``g = −f′``); also whether it moved."""
+    step = (f - 1.0) / tl.maximum(g, 1e-30)
+    return tau + tl.maximum(step, 0.0), step > 1e-7 * tl.maximum(tl.abs(tau), 1.0)
+
+
+@triton.jit
 def solve_tau(z_ptr, n, zmax, tau0, beta, MODE: tl.constexpr, BLOCK: tl.constexpr, MAXIT: tl.constexpr):
     """τ with ``Σ_j [z_j − τ]_+^β = 1`` over ``z_ptr[0:n]`` (fp32, −inf allowed); ``zmax = max z``.
 
@@ -118,6 +134,13 @@ def solve_tau(z_ptr, n, zmax, tau0, beta, MODE: tl.constexpr, BLOCK: tl.constexp
     tau = tau0
     it = tl.full([], 0, tl.int32)
     go = zmax > NEG_INF
+    if n <= BLOCK:  # the common case: the list stays in registers across iterations
+        o = tl.arange(0, BLOCK)
+        zr = tl.load(z_ptr + o, mask=o < n, other=NEG_INF)
+        while (it < MAXIT) & go:
+            x = tl.maximum(zr - tau, 0.0)
+            tau, go = _newton(tau, tl.sum(pow_beta(x, beta, MODE)), tl.sum(dpow_beta(x, beta, MODE)))
+            it += 1
     while (it < MAXIT) & go:
         fv = tl.zeros([BLOCK], tl.float32)
         gv = tl.zeros([BLOCK], tl.float32)
@@ -126,8 +149,6 @@ def solve_tau(z_ptr, n, zmax, tau0, beta, MODE: tl.constexpr, BLOCK: tl.constexp
             x = tl.maximum(tl.load(z_ptr + o, mask=o < n, other=NEG_INF) - tau, 0.0)
             fv += pow_beta(x, beta, MODE)
             gv += dpow_beta(x, beta, MODE)
-        step = (tl.sum(fv) - 1.0) / tl.maximum(tl.sum(gv), 1e-30)
-        go = step > 1e-7 * tl.maximum(tl.abs(tau), 1.0)
-        tau += tl.maximum(step, 0.0)
+        tau, go = _newton(tau, tl.sum(fv), tl.sum(gv))
         it += 1
     return tl.where(zmax > NEG_INF, tau, 0.0)

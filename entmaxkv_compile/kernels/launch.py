@@ -36,6 +36,10 @@ OUT_BLOCK = 32
 SELECT_BLOCK = 1024
 NO_CAP = 2**31 - 1
 SKETCH_BITS = {"int8": 8, "int4": 4}
+# Scoring passes run 4 warps capped at 168 registers (no spills on sm_90 under triton 3.6 for 16-bit keys and
+# groups of ≤ 16 rows): 3 programs per SM, so a grid of 3·SMs programs is one wave (ops/cuda.py's
+# PROGRAMS_PER_SM). fp32 keys and larger groups would spill under the cap and run uncapped.
+SCORE_MAXNREG = 168
 
 
 def _p2(n: int) -> int:
@@ -59,7 +63,6 @@ class Plan:
     dv: int
     policy: str
     block_n: int
-    block_sk: int
     nsplit: int
     split_len: int
     segcap: int
@@ -102,14 +105,14 @@ def make_plan(
     block_n: int | None = None,
 ) -> Plan:
     """Plan for ``q[B,Hq,Lq,D]``, ``k[B,Hkv,S,D]`` under ``config``; ``n_programs``: how many programs fill
-    the GPU (the scoring grid never exceeds it); ``block_n``: tokens per exact-scoring tile (default by head
-    dim; sketch tiles are twice as long since a sketch row is a quarter to half of a key row)."""
+    the GPU (the scoring grid never exceeds it); ``block_n``: tokens per scoring tile, exact or sketch
+    (default by head dim)."""
     b, hq, lq, d = q_shape
     hkv, s = k_shape[1], k_shape[2]
     bh = b * hkv
     bn = block_n or (64 if d <= 128 else 32)
     nsplit = max(1, min(n_programs // bh, _cdiv(s, bn)))  # at most one wave: no straggler wave
-    split_len = _cdiv(_cdiv(s, nsplit), 2 * bn) * 2 * bn
+    split_len = _cdiv(_cdiv(s, nsplit), bn) * bn
     nsplit = _cdiv(s, split_len)
     capc = max(config.min_candidates, math.ceil(config.candidate_fraction * s))
     segcap = min(split_len, _cdiv(max(4 * bn, _cdiv(2 * capc, nsplit)), bn) * bn)
@@ -129,7 +132,7 @@ def make_plan(
     nsplit_t = max(1, min(_cdiv(n_programs, bh), sel_cap))
     segcap_t = _cdiv(sel_cap, nsplit_t) * ps if policy == "topk" else 0
     return Plan(
-        b, hkv, hq // hkv, lq, s, d, dv, policy, bn, 2 * bn, nsplit, split_len, segcap, capc, nso, sk, gs, ps,
+        b, hkv, hq // hkv, lq, s, d, dv, policy, bn, nsplit, split_len, segcap, capc, nso, sk, gs, ps,
         n_pages, bp, pages_per_split, nsplit_p, sel_cap, nsplit_t, segcap_t,
     )  # fmt: skip
 
@@ -248,6 +251,11 @@ class Step:
         return dict(HAS_BIAS=self.has_bias, BIAS_ROWS=self.bias_rows)
 
 
+def _score_launch(st: Step) -> dict:
+    capped = not (INTERPRET or st.f32) and st.p.rp <= 16
+    return {"num_warps": 4, "maxnreg": SCORE_MAXNREG} if capped else {"num_warps": 4}
+
+
 def _score(
     st: Step, sc: Scratch, want_mode: int, *, sketch: SiteBuffers | None = None, ws: bool = False
 ) -> None:
@@ -262,8 +270,8 @@ def _score(
     score_kernel[(p.bh, p.nsplit)](
         q, st.k, st.bias, *meta, sc.seg_idx, sc.seg_z, sc.seg_cnt, sc.seg_max, last, sc.gmax, sc.ws,
         sc.mode, *st.qkb(), p.hkv, p.s, p.s, p.split_len, p.segcap, st.zmul, st.bmul, want_mode,
-        D=p.d, BLOCK_N=p.block_sk if sk else p.block_n, SRC=sk, GS=p.gs, KEEP=not ws, WRITE_WS=ws, F32=st.f32,
-        **st.common(), **st.bias_flags(), num_warps=8 if sk else 4,
+        D=p.d, BLOCK_N=p.block_n, SRC=sk, GS=p.gs, KEEP=not ws, WRITE_WS=ws, F32=st.f32,
+        **st.common(), **st.bias_flags(), **_score_launch(st),
     )  # fmt: skip
 
 
@@ -320,7 +328,7 @@ def _update(st: Step, site: SiteBuffers, sc: Scratch) -> None:
     update_kernel[(p.bh, p.nsplit)](
         k, st.bias, site.wm, sc.mode, *sk, site.kmin if box else k, site.kmax if box else k,
         k.stride(0), k.stride(1), k.stride(2), *st.bst, p.hkv, p.s, p.s, p.n_pages,
-        D=p.d, GS=p.gs, SK=p.sk, BOX=box, PS=p.ps, BT=32, BPG=max(1, 64 // p.ps),
+        D=p.d, GS=p.gs, SK=p.sk, BOX=box, PS=p.ps, BT=32, BPG=max(1, 64 // p.ps), F32=st.f32,
         **st.common(), **st.bias_flags(),
     )  # fmt: skip
 

@@ -10,7 +10,8 @@ position seen by the previous call, −1 = rebuild) and decides on device what t
   query tokens can have written.
 
 Sketch (``SK`` 1: int8, 2: int4): per token and channel group of ``GS``, ``step = max|k|/qmax`` stored in
-fp16, ``code = round(k/step)``, and the residual ``r = ‖k − k̂‖₂`` inflated by the fp32 rounding slack
+fp16, ``code = round(k/step)``, and the residual ``r = ‖k − k̂‖₂`` — ``k̂ = code·step`` rounded to the key
+dtype, the operand the scoring kernel's single ``tl.dot`` per tile uses — inflated by the fp32 rounding slack
 ``γ·(2‖k̂‖₂ + r)`` (``γ = 2(D+2)·2⁻²⁴``) so ``|fl(q·k) − fl(q·k̂)| ≤ ‖q‖₂·r`` holds for computed scores.
 Any step gives a valid bound because ``r`` is measured against the stored reconstruction.
 Boxes (``BOX``): element-wise min/max over a page's valid keys, in the key dtype (exact); +inf/−inf for a
@@ -22,18 +23,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, group_rows, load_bias
+from .common import NEG_INF, cvt_key, group_rows, load_bias
 
 
 @triton.jit
-def _quantize(x, BT: tl.constexpr, W: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr):
-    """Codes ``[BT, W]`` (fp32 integers), fp16 steps ``[BT, W/GS]``, ``Σ(x−x̂)²`` and ``Σx̂²`` per row."""
+def _quantize(
+    x, k_ptr, BT: tl.constexpr, W: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr, F32: tl.constexpr
+):
+    """Codes ``[BT, W]`` (fp32 integers), fp16 steps ``[BT, W/GS]``, ``Σ(x−x̂)²`` and ``Σx̂²`` per row, for
+    the reconstruction ``x̂ = code·step`` rounded as the scoring kernel rounds it (``cvt_key``)."""
     xg = tl.reshape(x, [BT, W // GS, GS])
     step = tl.minimum(tl.max(tl.abs(xg), axis=2) / QMAX, 65504.0).to(tl.float16)
     sf = step.to(tl.float32)[:, :, None]
     code = tl.floor(xg / tl.where(sf > 0, sf, 1.0) + 0.5)
     code = tl.where(sf > 0, tl.minimum(tl.maximum(code, -QMAX), QMAX), 0.0)
-    xh = code * sf
+    xh = cvt_key(code * sf, k_ptr, F32).to(tl.float32)
     err = tl.sum(tl.sum((xg - xh) * (xg - xh), axis=2), axis=1)
     nrm = tl.sum(tl.sum(xh * xh, axis=2), axis=1)
     return tl.reshape(code, [BT, W]), step, err, nrm
@@ -84,6 +88,7 @@ def update_kernel(
     BPG: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BIAS_ROWS: tl.constexpr,
+    F32: tl.constexpr,
 ):
     bh = tl.program_id(0)
     pid = tl.program_id(1)
@@ -116,7 +121,7 @@ def update_kernel(
                 kt = tl.load(k_base + p64[:, None] * sks + d[None, :], mask=pm[:, None], other=0.0).to(
                     tl.float32
                 )
-                code, step, err, nrm = _quantize(kt, BT, D, GS, 127.0)
+                code, step, err, nrm = _quantize(kt, k_ptr, BT, D, GS, 127.0, F32)
                 tl.store(
                     code_ptr + (bh64 * cap + p64)[:, None] * D + d[None, :],
                     code.to(tl.int8),
@@ -128,8 +133,8 @@ def update_kernel(
                 kp = k_base + p64[:, None] * sks + h[None, :]
                 klo = tl.load(kp, mask=pm[:, None], other=0.0).to(tl.float32)
                 khi = tl.load(kp + D // 2, mask=pm[:, None], other=0.0).to(tl.float32)
-                clo, slo, elo, nlo = _quantize(klo, BT, D // 2, GS, 7.0)
-                chi, shi, ehi, nhi = _quantize(khi, BT, D // 2, GS, 7.0)
+                clo, slo, elo, nlo = _quantize(klo, k_ptr, BT, D // 2, GS, 7.0, F32)
+                chi, shi, ehi, nhi = _quantize(khi, k_ptr, BT, D // 2, GS, 7.0, F32)
                 packed = (clo.to(tl.int32) + 8) | ((chi.to(tl.int32) + 8) << 4)
                 cptr = code_ptr + (bh64 * cap + p64)[:, None] * (D // 2) + h[None, :]
                 tl.store(cptr, packed.to(tl.uint8), mask=pm[:, None])

@@ -17,58 +17,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm
+from .common import NEG_INF, cvt, cvt_key, group_rows, load_bias, load_q, mm
 
 
 @triton.jit
-def _sketch_scores(
-    q_ptr,
-    b,
-    hq,
-    qp,
-    rmask,
-    sqb,
-    sqh,
-    sql,
-    code_base,
-    scale_base,
-    pos,
-    pmask,
-    RP: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SRC: tl.constexpr,
-    GS: tl.constexpr,
-    F32: tl.constexpr,
-):
-    """``q·k̂`` ``[RP, BLOCK_N]`` from int8 codes ``[S, D]`` or int4 codes ``[S, D/2]`` (byte ``j`` holds
-    channel ``j`` in its low and ``j + D/2`` in its high nibble, each stored ``+8``) and fp16 scales
-    ``[S, D/GS]``. Codes are exact in 16-bit floats, so each group's dot is exact up to fp32 summation."""
-    p64 = pos.to(tl.int64)
-    acc = tl.zeros([RP, BLOCK_N], tl.float32)
-    c = tl.arange(0, GS)
-    q_row = q_ptr + b.to(tl.int64) * sqb + hq[:, None] * sqh + qp[:, None] * sql + c[None, :]
-    if SRC == 1:
-        NG: tl.constexpr = D // GS
-        for g in tl.static_range(NG):
-            codes = tl.load(code_base + p64[:, None] * D + g * GS + c[None, :], mask=pmask[:, None], other=0)
-            qg = cvt(tl.load(q_row + g * GS, mask=rmask[:, None], other=0.0), F32)
-            sc = tl.load(scale_base + p64 * NG + g, mask=pmask, other=0.0).to(tl.float32)
-            acc += mm(qg, tl.trans(codes.to(qg.dtype)), F32) * sc[None, :]
-    else:
-        NH: tl.constexpr = D // (2 * GS)
-        for g in tl.static_range(NH):
-            packed = tl.load(
-                code_base + p64[:, None] * (D // 2) + g * GS + c[None, :], mask=pmask[:, None], other=136
-            ).to(tl.int32)
-            ql = cvt(tl.load(q_row + g * GS, mask=rmask[:, None], other=0.0), F32)
-            qh = cvt(tl.load(q_row + (D // 2 + g * GS), mask=rmask[:, None], other=0.0), F32)
-            sl = tl.load(scale_base + p64 * (2 * NH) + g, mask=pmask, other=0.0).to(tl.float32)
-            sh = tl.load(scale_base + p64 * (2 * NH) + (NH + g), mask=pmask, other=0.0).to(tl.float32)
-            lo = ((packed & 15) - 8).to(ql.dtype)
-            hi = ((packed >> 4) - 8).to(ql.dtype)
-            acc += mm(ql, tl.trans(lo), F32) * sl[None, :] + mm(qh, tl.trans(hi), F32) * sh[None, :]
-    return acc
+def _dequant(codes, step_row, pmask, BLOCK_N: tl.constexpr, W: tl.constexpr, GS: tl.constexpr):
+    """``k̂ = code·step`` ``[BLOCK_N, W]`` (fp32) from codes ``[BLOCK_N, W]`` and the fp16 steps of their
+    ``W/GS`` channel groups at ``step_row[:, None] + g``."""
+    NG: tl.constexpr = W // GS
+    g = tl.arange(0, NG)
+    step = tl.load(step_row[:, None] + g[None, :], mask=pmask[:, None], other=0.0)
+    kh = tl.reshape(codes.to(tl.float32), [BLOCK_N, NG, GS]) * step.to(tl.float32)[:, :, None]
+    return tl.reshape(kh, [BLOCK_N, W])
 
 
 @triton.jit
@@ -131,18 +91,22 @@ def score_kernel(
         bh64 = bh.to(tl.int64)
         r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RP)
         bias_base = bias_ptr + b.to(tl.int64) * sbb
-        if SRC == 0:
+        if SRC == 2:  # int4: channel j in the low nibble of byte j, channel j + D/2 in the high one
+            qc = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D // 2), F32)
+            qc_hi = cvt(load_q(q_ptr + D // 2, b, hq, qp, rmask, sqb, sqh, sql, D // 2), F32)
+        else:
             qc = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
+        if SRC == 0:
             k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
             d = tl.arange(0, D)
         else:
             qf = load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D).to(tl.float32)
             emul = zmul * tl.sqrt(tl.sum(qf * qf, axis=1))  # (α−1)·scale·‖q‖₂ per row
-            if SRC == 1:
-                code_base = code_ptr + bh64 * sk_cap * D
-            else:
-                code_base = code_ptr + bh64 * sk_cap * (D // 2)
-            scale_base = scale_ptr + bh64 * sk_cap * (D // GS)
+            W: tl.constexpr = D if SRC == 1 else D // 2
+            NGT: tl.constexpr = D // GS
+            code_base = code_ptr + bh64 * sk_cap * W
+            scale_base = scale_ptr + bh64 * sk_cap * NGT
+            w = tl.arange(0, W)
         seg = bh64 * nsp + sp
         idx_base = seg_idx_ptr + seg * segcap
         zlo_base = seg_z_ptr + seg * 2 * R * segcap
@@ -154,23 +118,35 @@ def score_kernel(
         it = tl.full([], 0, tl.int32)
         cnt = tl.full([], 0, tl.int32)
         last = tl.full([], 0, tl.int32)
+        nxt = start + tl.arange(0, BLOCK_N)
+        bias_nxt = load_bias(bias_base, hq, qp, rmask, nxt, nxt < end, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             inr = pos < end
-            bias = load_bias(bias_base, hq, qp, rmask, pos, inr, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
+            bias = bias_nxt  # loaded one tile ahead: the key loads below wait on no other load
             tokv = tl.max(bias, axis=0) > NEG_INF
+            nxt = pos + BLOCK_N
+            bias_nxt = load_bias(bias_base, hq, qp, rmask, nxt, nxt < end, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
+            p64 = pos.to(tl.int64)
             if SRC == 0:
-                kt = tl.load(
-                    k_base + pos.to(tl.int64)[:, None] * sks + d[None, :], mask=tokv[:, None], other=0.0
-                )
+                kt = tl.load(k_base + p64[:, None] * sks + d[None, :], mask=tokv[:, None], other=0.0)
                 zlo = mm(qc, tl.trans(cvt(kt, F32)), F32) * zmul + bias * bmul
                 zhi = zlo
             else:
-                qk = _sketch_scores(
-                    q_ptr, b, hq, qp, rmask, sqb, sqh, sql, code_base, scale_base, pos, tokv, RP, D, BLOCK_N,
-                    SRC, GS, F32,
-                )  # fmt: skip
+                # one load of the tile's codes, steps and residuals, dequantised to the key dtype (the
+                # reconstruction update_kernel measured the residual against): one dot scores all groups
+                codes = tl.load(code_base + p64[:, None] * W + w[None, :], mask=tokv[:, None], other=0)
                 res = tl.load(res_ptr + bh64 * sk_cap + pos, mask=tokv, other=0.0)
+                srow = scale_base + p64 * NGT
+                if SRC == 1:
+                    kh = _dequant(codes, srow, tokv, BLOCK_N, D, GS)
+                    qk = mm(qc, tl.trans(cvt_key(kh, k_ptr, F32)), F32)
+                else:
+                    packed = codes.to(tl.int32)
+                    klo = _dequant((packed & 15) - 8, srow, tokv, BLOCK_N, D // 2, GS)
+                    khi = _dequant((packed >> 4) - 8, srow + NGT // 2, tokv, BLOCK_N, D // 2, GS)
+                    qk = mm(qc, tl.trans(cvt_key(klo, k_ptr, F32)), F32)
+                    qk += mm(qc_hi, tl.trans(cvt_key(khi, k_ptr, F32)), F32)
                 zc = qk * zmul + bias * bmul
                 eps = emul[:, None] * res[None, :]
                 zlo = zc - eps

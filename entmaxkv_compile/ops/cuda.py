@@ -37,7 +37,7 @@ log = logging.getLogger("entmaxkv_compile")
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ROWS = 64  # query rows per KV group (G·Lq) the kernels score in one tile
-PROGRAMS_PER_SM = 3  # exact scoring pass: 4 warps × 142 registers (sm_90, triton 3.6) ⇒ 3 per SM
+PROGRAMS_PER_SM = 3  # scoring passes: 4 warps, ≤ 168 registers (kernels/launch.py SCORE_MAXNREG) ⇒ 3 per SM
 
 T = TypeVar("T")
 
