@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..config import EntmaxKVConfig
-from .meta import update_kernel
+from .meta import probe_kernel, update_kernel
 from .output import output_kernel
 from .pages import page_gather_kernel, page_score_kernel, select_hist_kernel, select_take_kernel
 from .score import cand_kernel, score_kernel
@@ -36,6 +36,7 @@ OUT_BLOCK = 32
 SELECT_BLOCK = 1024
 NO_CAP = 2**31 - 1
 SKETCH_BITS = {"int8": 8, "int4": 4}
+PROBES = 8  # key rows per KV group re-read every step, so a rewritten cache (new sequence) is seen
 # Scoring passes run 4 warps capped at 168 registers (no spills on sm_90 under triton 3.6 for 16-bit keys and
 # groups of ≤ 16 rows): 3 programs per SM, so a grid of 3·SMs programs is one wave (ops/cuda.py's
 # PROGRAMS_PER_SM). fp32 keys and larger groups would spill under the cap and run uncapped.
@@ -193,6 +194,8 @@ class SiteBuffers:
         self.candidates = torch.zeros(p.bh, dtype=torch.int32, device=dev)
         self.mode = torch.zeros(p.bh, dtype=torch.int32, device=dev)
         self.support = torch.zeros(p.bh * p.r, dtype=torch.int32, device=dev)
+        self.probe_pos = torch.zeros(p.bh * PROBES, dtype=torch.int32, device=dev)
+        self.probe_rows = torch.zeros(p.bh * PROBES * p.d, dtype=key_dtype, device=dev)
         if p.sk:
             width = p.d if p.sk == 1 else p.d // 2
             self.codes = torch.empty(
@@ -323,6 +326,10 @@ def _output(st: Step, sc: Scratch, site: SiteBuffers, nlast: int) -> None:
 
 def _update(st: Step, site: SiteBuffers, sc: Scratch) -> None:
     p, k = st.p, st.k
+    probe_kernel[(p.bh,)](
+        k, site.wm, site.probe_pos, site.probe_rows, k.stride(0), k.stride(1), k.stride(2), p.hkv, D=p.d,
+        P=PROBES,
+    )  # fmt: skip
     box = p.policy == "topk"
     sk = (site.codes, site.scales, site.res) if p.sk else (site.wm,) * 3
     update_kernel[(p.bh, p.nsplit)](

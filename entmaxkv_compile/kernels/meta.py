@@ -14,6 +14,10 @@ fp16, ``code = round(k/step)``, and the residual ``r = ‖k − k̂‖₂`` — 
 dtype, the operand the scoring kernel's single ``tl.dot`` per tile uses — inflated by the fp32 rounding slack
 ``γ·(2‖k̂‖₂ + r)`` (``γ = 2(D+2)·2⁻²⁴``) so ``|fl(q·k) − fl(q·k̂)| ≤ ‖q‖₂·r`` holds for computed scores.
 Any step gives a valid bound because ``r`` is measured against the stored reconstruction.
+``probe_kernel`` runs first: it re-reads ``P`` key rows per group recorded by the previous call at positions
+spread over ``[0, wm)`` and forces a rebuild when any changed (a new sequence written into the same cache can
+look like an append), then records the rows now found at positions spread over the current ``[0, wm)``.
+
 Boxes (``BOX``): element-wise min/max over a page's valid keys, in the key dtype (exact); +inf/−inf for a
 page without valid tokens. The output kernel advances ``wm`` at the end of the call.
 """
@@ -51,6 +55,24 @@ def _valid_at(
     p = pos + tl.zeros([2], tl.int32)
     bias = load_bias(bias_base, hq, qp, rmask, p, (p >= 0) & (p < S), sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
     return tl.max(tl.max(bias, axis=1), axis=0) > NEG_INF
+
+
+@triton.jit
+def probe_kernel(k_ptr, wm_ptr, pos_ptr, rows_ptr, skb, skh, sks, Hkv, D: tl.constexpr, P: tl.constexpr):
+    bh = tl.program_id(0)
+    bh64 = bh.to(tl.int64)
+    k_base = k_ptr + (bh // Hkv).to(tl.int64) * skb + (bh % Hkv).to(tl.int64) * skh
+    j = tl.arange(0, P)
+    d = tl.arange(0, D)
+    rows = rows_ptr + (bh64 * P + j)[:, None] * D + d[None, :]
+    pos = tl.load(pos_ptr + bh64 * P + j).to(tl.int64)
+    cur = tl.load(k_base + pos[:, None] * sks + d[None, :])
+    changed = tl.sum(tl.sum((cur != tl.load(rows)).to(tl.int32), axis=1), axis=0) > 0  # NaN: always
+    wm = tl.where(changed, -1, tl.load(wm_ptr + bh))
+    tl.store(wm_ptr + bh, wm)
+    npos = tl.maximum(wm - 1, 0).to(tl.int64) * j // (P - 1)
+    tl.store(pos_ptr + bh64 * P + j, npos.to(tl.int32))
+    tl.store(rows, tl.load(k_base + npos[:, None] * sks + d[None, :]))
 
 
 @triton.jit

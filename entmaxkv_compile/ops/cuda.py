@@ -45,30 +45,15 @@ _logged: set[str] = set()
 _scratch: dict[tuple[torch.device, Plan], Scratch] = {}
 
 
-PROBES = 8  # cached key rows per KV group re-read every step: a rewritten cache (new sequence) is seen
-
-
 @dataclass
 class SiteState:
     plan: Plan
     cache_key: tuple
     buffers: SiteBuffers
-    probe_index: tuple[Tensor, Tensor]  # batch and KV-head index of each group, [B·Hkv, 1] each
-    probe_pos: Tensor  # [B·Hkv, PROBES] positions spread over the part of the cache already summarised
-    probe_rows: Tensor  # [B·Hkv, PROBES, D] the keys found there after the last step
 
 
 def _new_state(plan: Plan, key: tuple, k: Tensor) -> SiteState:
-    b, hkv, _, d = k.shape
-
-    def make() -> SiteState:
-        bi = torch.arange(b, device=k.device).repeat_interleave(hkv)[:, None]
-        hi = torch.arange(hkv, device=k.device).repeat(b)[:, None]
-        pos = torch.zeros(b * hkv, PROBES, dtype=torch.long, device=k.device)
-        rows = torch.zeros(b * hkv, PROBES, d, dtype=k.dtype, device=k.device)
-        return SiteState(plan, key, SiteBuffers(plan, k.device, k.dtype), (bi, hi), pos, rows)
-
-    return _persistent(make, k.device)
+    return _persistent(lambda: SiteState(plan, key, SiteBuffers(plan, k.device, k.dtype)), k.device)
 
 
 _sites: dict[tuple[int, torch.device], SiteState] = {}  # (site, device): one site may run on several GPUs
@@ -205,15 +190,7 @@ def decode_site(
     scratch = _scratch.get((q.device, plan))
     if scratch is None:
         scratch = _scratch[(q.device, plan)] = _persistent(lambda: Scratch(plan, q.device), q.device)
-    # A new sequence written into the same cache can look like an append (same tensor, longer): keys that
-    # changed under the summarised prefix make their group rebuild (NaN keys too: always rebuilt, exact).
-    bi, hi = st.probe_index
-    st.buffers.wm.masked_fill_((k[bi, hi, st.probe_pos] != st.probe_rows).flatten(1).any(1), -1)
-    out = decode(plan, scratch, st.buffers, q, k, v, bias, scale, alpha, config)
-    last = (st.buffers.wm.long() - 1).clamp_min(0)[:, None]
-    st.probe_pos.copy_(last * torch.arange(PROBES, device=k.device) // (PROBES - 1))
-    st.probe_rows.copy_(k[bi, hi, st.probe_pos])
-    return out
+    return decode(plan, scratch, st.buffers, q, k, v, bias, scale, alpha, config)
 
 
 def reset_all() -> None:
