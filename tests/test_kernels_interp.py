@@ -98,6 +98,24 @@ def test_dense_support_sizes_and_workspace_fallback():
     assert site.support.tolist() == stats.support_size.flatten().tolist()
 
 
+@pytest.mark.parametrize("policy,alpha", [("dense", 1.5), ("dense", 1.25), ("certified", 2.0)])
+def test_long_lists_drop_entries_below_the_bracket(monkeypatch, policy, alpha):
+    """Lists longer than the solve block (shrunk to 16 here) drop entries ≤ τ₀ before Newton: τ, the output
+    and the support sizes stay exact."""
+    from entmaxkv_compile.kernels import launch
+
+    monkeypatch.setattr(launch, "SOLVE_BLOCK", 16)
+    q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.float32, seed=3, peaky=False)
+    q = q * 0.35  # every score within 1 of the maximum: lists of ~256 entries per row
+    out, site, cfg = _run(
+        policy, q, k, v, None, alpha, n_programs=4, min_candidates=256, candidate_fraction=1.0
+    )
+    ref, stats = decode_attention(q, k, v, scale=64**-0.5 * 2, alpha=alpha, config=cfg)
+    assert _err(out, ref) < 1e-5
+    assert site.mode.tolist() == [0 if policy == "certified" else 1] * 2
+    assert site.support.tolist() == stats.support_size.flatten().tolist()
+
+
 @pytest.mark.parametrize("sketch", ["int8", "int4"])
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.25])
 def test_certified_is_exact(sketch, alpha):

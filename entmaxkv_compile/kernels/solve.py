@@ -4,10 +4,11 @@ Input: the group's segments (``NSEG`` of them, each ``(idx[segcap], z[R, segcap]
 per-row maximum), or the dense workspace row (``FROM_WS``). Only entries with ``z > M − 1`` (``M`` the
 row maximum) can be in the support, so the program first compacts those into the row's *list*
 (``list_idx``, ``list_z``, ``list_n``), histogramming them on the way, and runs Newton on the list
-(:func:`common.solve_tau`) from the histogram's bracket (:func:`common.bracket_start`); the output
-kernel reads the same list. A group whose segments overflowed (count > ``segcap``), whose total count
-exceeds ``capc`` or whose valid length (from the scoring pass's ``last`` positions) is below ``min_ctx``
-is switched to ``ovf_mode`` instead (every row reaches the same verdict).
+(:func:`common.solve_tau`) from the histogram's bracket ``τ₀ ≤ τ`` (:func:`common.bracket_start`); a list
+longer than one block first drops its entries ``≤ τ₀`` (never in the support), so Newton usually iterates
+on registers. The output kernel reads the same list. A group whose segments overflowed (count >
+``segcap``), whose total count exceeds ``capc`` or whose valid length (from the scoring pass's ``last``
+positions) is below ``min_ctx`` is switched to ``ovf_mode`` instead (every row reaches the same verdict).
 """
 
 from __future__ import annotations
@@ -18,6 +19,22 @@ import triton.language as tl
 from .common import NEG_INF, bracket_start, solve_tau
 
 NB: tl.constexpr = tl.constexpr(64)
+
+
+@triton.jit
+def _compact_above(idx_ptr, z_ptr, n, tau0, BLOCK: tl.constexpr):
+    """Keep the list entries with ``z > τ₀`` (in place, order kept); returns their count."""
+    cnt = tl.full([], 0, tl.int32)
+    for s0 in range(0, n, BLOCK):
+        o = s0 + tl.arange(0, BLOCK)
+        z = tl.load(z_ptr + o, mask=o < n, other=NEG_INF)
+        keep = z > tau0
+        ki = keep.to(tl.int32)
+        slot = cnt + tl.cumsum(ki, 0) - 1  # ≤ o: compacting in place never overtakes the reads
+        tl.store(idx_ptr + slot, tl.load(idx_ptr + o, mask=keep, other=0), mask=keep)
+        tl.store(z_ptr + slot, z, mask=keep)
+        cnt += tl.sum(ki)
+    return cnt
 
 
 @triton.jit
@@ -97,7 +114,9 @@ def solve_kernel(
                     b_i = tl.minimum(((z - (zmax - 1.0)) * NB).to(tl.int32), NB - 1)
                     b_i = tl.where(keep, b_i, NB + (sl[None, :] % NB))
                     hist += tl.histogram(tl.reshape(b_i, [NSEG_P2 * SB]), 2 * NB)
-                tl.store(list_n_ptr + row, n)
                 tau0 = bracket_start(hist, zmax, beta, MODE, NB)
+                if n > BLOCK:  # τ ≥ τ₀: entries ≤ τ₀ are never in the support, drop them before Newton
+                    n = _compact_above(list_idx_ptr + row * cap2, list_z_ptr + row * cap2, n, tau0, BLOCK)
+                tl.store(list_n_ptr + row, n)
                 tau = solve_tau(list_z_ptr + row * cap2, n, zmax, tau0, beta, MODE, BLOCK, MAXIT)
                 tl.store(tau_ptr + bh64 * RP + r, tau)
