@@ -116,14 +116,17 @@ def test_long_lists_drop_entries_below_the_bracket(monkeypatch, policy, alpha):
     assert site.support.tolist() == stats.support_size.flatten().tolist()
 
 
-@pytest.mark.parametrize("sketch", ["int8", "int4"])
+@pytest.mark.parametrize(  # one step per token row (scaled after the dot) or several (dequantised first)
+    "sketch,group", [("int8", 16), ("int4", 16), ("int8", 64), ("int4", 32)]
+)
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.25])
-def test_certified_is_exact(sketch, alpha):
+def test_certified_is_exact(sketch, group, alpha):
     q, k, v = _inputs(2, 2, 2, 1, 192, 64, torch.float32, seed=1)
     bias = _mask(2, 192, [192, 150])
     out, site, cfg = _run(
-        "certified", q, k, v, bias, alpha, sketch=sketch, min_candidates=32, candidate_fraction=0.5
-    )
+        "certified", q, k, v, bias, alpha, sketch=sketch, sketch_group=group, min_candidates=32,
+        candidate_fraction=0.5,
+    )  # fmt: skip
     ref, stats = decode_attention(q, k, v, scale=64**-0.5 * 2, alpha=alpha, bias=bias, config=cfg)
     assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=alpha, bias=bias)) < 1e-5
     sparse = site.mode == 0

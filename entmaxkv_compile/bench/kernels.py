@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", default="32768,131072,524288,1048576", help="comma list of cache lengths")
     p.add_argument("--fractions", default="0.002,0.015,0.07", help="certified candidate fractions")
     p.add_argument("--sketches", default="int8,int4")
+    p.add_argument(
+        "--sketch-groups", default="32", help="comma list of sketch channel-group sizes (one step per group)"
+    )
     p.add_argument("--topk", default="64", help="comma list of n: top-k budgets of 1/n of the pages")
     p.add_argument("--reps", type=int, default=50, help="timed replays per variant (median)")
     p.add_argument("--warmup", type=int, default=5)
@@ -192,6 +195,7 @@ def _bench_case(
 
     records: list[dict] = []
     topk_divs = [int(x) for x in args.topk.split(",") if x]
+    groups = [int(x) for x in args.sketch_groups.split(",")]
     b, hq, hkv, d = shape["b"], shape["hq"], shape["hkv"], shape["d"]
     q, k, v, plants = planted(shape, s, fractions)
     bias = torch.zeros(b, 1, 1, s, device="cuda")
@@ -221,7 +225,7 @@ def _bench_case(
     )
 
     def ours(config: EntmaxKVConfig):
-        site = VARIANT_SITES[config.policy, config.sketch]
+        site = 100 * VARIANT_SITES[config.policy, config.sketch] + config.sketch_group.bit_length()
         return site, lambda: ops_cuda.decode_site(q, k, v, bias, scale, ALPHA, site, config, n_programs)
 
     def group_stats(site: int) -> tuple[float, float, list]:
@@ -246,14 +250,16 @@ def _bench_case(
         )
         return out
 
-    def certified_variant(frac: float, sk: str, dense_out: Tensor | None):
-        cfg = EntmaxKVConfig(policy="certified", sketch=sk)
+    def certified_variant(frac: float, sk: str, gs: int, dense_out: Tensor | None):
+        cfg = EntmaxKVConfig(policy="certified", sketch=sk, sketch_group=gs)
         site, fn = ours(cfg)
         out = fn().clone()
         cand, sup, modes = group_stats(site)
-        meta = b * hkv * s * ((d if sk == "int8" else d // 2) + 2 * (d // cfg.sketch_group) + 4)
+        gs = max(16, min(gs, d if sk == "int8" else d // 2))  # as the kernels clamp it
+        meta = b * hkv * s * ((d if sk == "int8" else d // 2) + 2 * (d // gs) + 4)
+        name = f"certified-{sk}" + ("" if gs == 32 else f"-g{gs}")
         record(
-            f"certified-{sk}", fn, meta + cand * d * esize + sup * d * esize + b * s * 4, out, dense_out,
+            name, fn, meta + cand * d * esize + sup * d * esize + b * s * 4, out, dense_out,
             fraction=frac, candidates_frac=cand / (b * hkv * s), support=sup, modes=modes,
             metadata_bytes=meta,
         )  # fmt: skip
@@ -277,9 +283,12 @@ def _bench_case(
         ops_cuda.reset_all()
         dense_out = guarded("dense", lambda f=frac: dense_variant(f), fraction=frac)
         for sk in sketches:
-            guarded(
-                f"certified-{sk}", lambda f=frac, x=sk, o=dense_out: certified_variant(f, x, o), fraction=frac
-            )
+            for gs in groups:
+                guarded(
+                    f"certified-{sk}",
+                    lambda f=frac, x=sk, g=gs, o=dense_out: certified_variant(f, x, g, o),
+                    fraction=frac,
+                )
         if i == 0:
             for div in topk_divs:
                 guarded(f"topk-1/{div}", lambda x=div: topk_variant(x))

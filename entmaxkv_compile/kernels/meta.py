@@ -10,10 +10,12 @@ position seen by the previous call, −1 = rebuild) and decides on device what t
   query tokens can have written.
 
 Sketch (``SK`` 1: int8, 2: int4): per token and channel group of ``GS``, ``step = max|k|/qmax`` stored in
-fp16, ``code = round(k/step)``, and the residual ``r = ‖k − k̂‖₂`` — ``k̂ = code·step`` rounded to the key
-dtype, the operand the scoring kernel's single ``tl.dot`` per tile uses — inflated by the fp32 rounding slack
+fp16, ``code = round(k/step)``, and the residual ``r = ‖k − k̂‖₂`` — ``k̂ = code·step`` as the scoring
+kernel forms it (one step per row: scaled after the dot, exact; several: dequantised to the key dtype for one
+``tl.dot`` per tile) — inflated by the fp32 rounding slack
 ``γ·(2‖k̂‖₂ + r)`` (``γ = 2(D+2)·2⁻²⁴``) so ``|fl(q·k) − fl(q·k̂)| ≤ ‖q‖₂·r`` holds for computed scores.
 Any step gives a valid bound because ``r`` is measured against the stored reconstruction.
+
 ``probe_kernel`` runs first: it re-reads ``P`` key rows per group recorded by the previous call at positions
 spread over ``[0, wm)`` and forces a rebuild when any changed (a new sequence written into the same cache can
 look like an append), then records the rows now found at positions spread over the current ``[0, wm)``.
@@ -35,13 +37,15 @@ def _quantize(
     x, k_ptr, BT: tl.constexpr, W: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr, F32: tl.constexpr
 ):
     """Codes ``[BT, W]`` (fp32 integers), fp16 steps ``[BT, W/GS]``, ``Σ(x−x̂)²`` and ``Σx̂²`` per row, for
-    the reconstruction ``x̂ = code·step`` rounded as the scoring kernel rounds it (``cvt_key``)."""
+    the reconstruction ``x̂ = code·step`` exactly as the scoring kernel forms it."""
     xg = tl.reshape(x, [BT, W // GS, GS])
     step = tl.minimum(tl.max(tl.abs(xg), axis=2) / QMAX, 65504.0).to(tl.float16)
     sf = step.to(tl.float32)[:, :, None]
     code = tl.floor(xg / tl.where(sf > 0, sf, 1.0) + 0.5)
     code = tl.where(sf > 0, tl.minimum(tl.maximum(code, -QMAX), QMAX), 0.0)
-    xh = cvt_key(code * sf, k_ptr, F32).to(tl.float32)
+    xh = code * sf
+    if W > GS:  # several steps per row: the scoring kernel dequantises to the key dtype before its dot
+        xh = cvt_key(xh, k_ptr, F32).to(tl.float32)
     err = tl.sum(tl.sum((xg - xh) * (xg - xh), axis=2), axis=1)
     nrm = tl.sum(tl.sum(xh * xh, axis=2), axis=1)
     return tl.reshape(code, [BT, W]), step, err, nrm

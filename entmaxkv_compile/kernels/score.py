@@ -133,18 +133,30 @@ def score_kernel(
                 zlo = mm(qc, tl.trans(cvt(kt, F32)), F32) * zmul + bias * bmul
                 zhi = zlo
             else:
-                # one load of the tile's codes, steps and residuals, dequantised to the key dtype (the
-                # reconstruction update_kernel measured the residual against): one dot scores all groups
+                # one load of the tile's codes, steps and residuals; several channel groups per row are
+                # dequantised to the key dtype (the reconstruction update_kernel measured the residual
+                # against) so that one dot scores them all
                 codes = tl.load(code_base + p64[:, None] * W + w[None, :], mask=tokv[:, None], other=0)
                 res = tl.load(res_ptr + bh64 * sk_cap + pos, mask=tokv, other=0.0)
                 srow = scale_base + p64 * NGT
-                if SRC == 1:
+                if SRC == 2:
+                    packed = codes.to(tl.int32)
+                    clo = (packed & 15) - 8
+                    chi = (packed >> 4) - 8
+                if W == GS:  # one step per token (per half for int4): scale after the dot, no dequantising
+                    step = tl.load(srow, mask=tokv, other=0.0).to(tl.float32)
+                    if SRC == 1:
+                        qk = mm(qc, tl.trans(codes.to(qc.dtype)), F32) * step[None, :]
+                    else:
+                        step_hi = tl.load(srow + 1, mask=tokv, other=0.0).to(tl.float32)
+                        qk = mm(qc, tl.trans(clo.to(qc.dtype)), F32) * step[None, :]
+                        qk += mm(qc_hi, tl.trans(chi.to(qc.dtype)), F32) * step_hi[None, :]
+                elif SRC == 1:
                     kh = _dequant(codes, srow, tokv, BLOCK_N, D, GS)
                     qk = mm(qc, tl.trans(cvt_key(kh, k_ptr, F32)), F32)
                 else:
-                    packed = codes.to(tl.int32)
-                    klo = _dequant((packed & 15) - 8, srow, tokv, BLOCK_N, D // 2, GS)
-                    khi = _dequant((packed >> 4) - 8, srow + NGT // 2, tokv, BLOCK_N, D // 2, GS)
+                    klo = _dequant(clo, srow, tokv, BLOCK_N, D // 2, GS)
+                    khi = _dequant(chi, srow + NGT // 2, tokv, BLOCK_N, D // 2, GS)
                     qk = mm(qc, tl.trans(cvt_key(klo, k_ptr, F32)), F32)
                     qk += mm(qc_hi, tl.trans(cvt_key(khi, k_ptr, F32)), F32)
                 zc = qk * zmul + bias * bmul
