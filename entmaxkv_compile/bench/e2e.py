@@ -317,9 +317,12 @@ def summarize(report: dict[str, Any]) -> None:
                 )
             else:
                 peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+                first, comp = (
+                    (f"{r['first_step_s']:.1f}", f"{r['compile_s']:.1f}") if r["compiles"] else ("-", "-")
+                )
                 print(
                     f"{entry['context']:>8} {name:9} {r['ms_per_token']:8.2f} {r['tokens_per_s']:8.1f} "
-                    f"{r['first_step_s']:7.1f} {r['compile_s']:9.1f} {peak:>8} {r['compiles']:4d} "
+                    f"{first:>7} {comp:>9} {peak:>8} {r['compiles']:4d} "
                     f"{r['recompiles_after_warmup']:6d} {_graphs(r):>6}"
                 )
     for line in _verdicts(report):
