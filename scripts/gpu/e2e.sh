@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end decode on one H200, ≤ 300 s wall (the timeouts below sum to 290 s), for issue #7's must-show.
+# End-to-end decode on one H200, ≤ 300 s wall (the timeouts below sum to 295 s), for issue #7's must-show.
 # Writes $OUT/e2e/{long,compile_1b,fp32}/{e2e.json,e2e.png}, one log per piece, and prints the summary
 # (speed-up ratios against their targets, token checks, compile time, recompiles) at the end.
 #
