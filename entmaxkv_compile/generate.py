@@ -8,10 +8,14 @@ The pieces the generation example and the end-to-end benchmark share:
   model ``chunk`` tokens at a time (query chunks × all keys written so far, causal mask), with the dense
   reference entmax; keys past the last visible one are never read, so a chunk costs
   ``Hq · chunk · end`` scores instead of ``Hq · chunk · max_cache_len``;
+* :func:`reference_entmax_attention` — dense entmax attention with the arithmetic of the decode kernels
+  (the oracle :func:`entmaxkv_compile.reference.decode.dense_decode`): registered as ``"entmax15_reference"``
+  etc., the token reference for ``backend="entmaxkv"`` in 16-bit models (see its docstring);
 * :func:`extend_cache` — fill the rest of a cache by repeating the prefilled tokens (for contexts whose
   exact prefill does not fit the time budget; the figures are about decode);
 * :func:`greedy` — greedy decode steps through any callable (eager, Inductor, ``backend="entmaxkv"``),
-  timed per token.
+  timed per token, optionally with each step's top-2 logit margin; :func:`first_divergence` says where two
+  token streams part and how close the reference's choice was there.
 
 Works with the ``StaticCache`` of transformers 5.17 (positions from the cache contents) and 5.24+
 (positions from ``cumulative_length``): positions are never passed explicitly.
@@ -20,6 +24,7 @@ Works with the ``StaticCache`` of transformers 5.17 (positions from the cache co
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,6 +35,7 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, Stat
 from transformers.masking_utils import AttentionMaskInterface
 
 from . import hf
+from .reference.decode import dense_decode
 
 # Llama-3.2-1B's attention (hidden 2048 = 32 heads × D 64, 8 KV heads) is the "1b" class; "attn128" has
 # the benchmark's standard attention shape (Hq 32, Hkv 8, D 128, as DESIGN.md §8) with few layers, so a
@@ -43,6 +49,7 @@ PRESETS: dict[str, dict[str, int]] = {
                     num_attention_heads=32, num_key_value_heads=8, head_dim=128),
 }  # fmt: skip
 PREFILL_SUFFIX = "_prefill"
+REFERENCE_SUFFIX = "_reference"
 DEFAULT_SCORE_BUDGET = 2**27  # fp32 scores per prefill chunk (512 MiB; the sort-based entmax needs ~10×)
 
 
@@ -128,18 +135,51 @@ def chunked_entmax_attention(
     return hf.entmax_attention(module, query, key, value, attention_mask, scaling, dropout, alpha=alpha)
 
 
-def _register_prefill() -> None:
+def reference_entmax_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    *,
+    alpha: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """Dense entmax attention computed the way ``entmaxkv::decode_attn`` computes it (no dropout).
+
+    :func:`entmaxkv_compile.hf.entmax_attention` is the model as written: in a bf16 model its ``q·kᵀ``
+    matmul rounds every score to bf16 before the fp32 entmax, and ``p`` is rounded to bf16 before ``p·v``.
+    The decode op does not round there — scores are fp32 sums of exact products of the cached operands,
+    entmax and ``p·v`` are fp32, the output is rounded once — so in 16-bit models the two differ by score
+    rounding (~2⁻⁸ relative), enough to move a near-tied greedy token. This function is the op's oracle
+    (:func:`~entmaxkv_compile.reference.decode.dense_decode`) on the whole cache: the dense decode with
+    the op's arithmetic, the fair token reference for ``backend="entmaxkv"``. In fp32 models the two
+    functions do the same arithmetic up to summation order.
+    """
+    a = alpha if alpha is not None else getattr(module.config, "entmax_alpha", 1.5)
+    bias = attention_mask
+    if bias is not None and bias.dtype == torch.bool:
+        bias = torch.zeros(bias.shape, device=bias.device).masked_fill(~bias, float("-inf"))
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = dense_decode(query, key, value, scale=scale, alpha=a, bias=bias)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    """``<name>_prefill`` (chunked) and ``<name>_reference`` (oracle arithmetic) for every entmax name."""
     for name, alpha in hf.ALPHAS.items():
+        for suffix, fn in (
+            (PREFILL_SUFFIX, chunked_entmax_attention),
+            (REFERENCE_SUFFIX, reference_entmax_attention),
+        ):
+            attn = functools.partial(fn, alpha=alpha)
+            AttentionInterface.register(name + suffix, attn)
+            AttentionMaskInterface.register(name + suffix, hf.entmax_mask)
 
-        def attention(*args: Any, _alpha: float | None = alpha, **kwargs: Any) -> tuple[Tensor, None]:
-            return chunked_entmax_attention(*args, alpha=_alpha, **kwargs)
 
-        attention.__name__ = f"chunked_{name}_attention"
-        AttentionInterface.register(name + PREFILL_SUFFIX, attention)
-        AttentionMaskInterface.register(name + PREFILL_SUFFIX, hf.entmax_mask)
-
-
-_register_prefill()
+_register()
 
 
 @contextlib.contextmanager
@@ -200,10 +240,13 @@ def greedy(
     cache: StaticCache,
     steps: int,
     on_token: Callable[[int], None] | None = None,
+    margins: list[float] | None = None,
 ) -> tuple[list[int], list[float]]:
     """``steps`` greedy tokens from ``first_logits`` through ``step(ids, past_key_values=cache)``.
 
-    Returns the tokens and each step's wall time in seconds (synchronised: per-token latency).
+    Returns the tokens and each step's wall time in seconds (synchronised: per-token latency). With
+    ``margins`` given, each step's top-1 minus top-2 logit is appended to it (outside the timed region), in
+    units of the logits dtype's spacing at the top logit (ulps: 0 = a tie, 1 = one rounding step apart).
     """
     tok = first_logits.argmax(-1, keepdim=True)
     tokens, times = [int(tok)], []
@@ -213,6 +256,25 @@ def greedy(
         tok = logits.argmax(-1, keepdim=True)
         tokens.append(int(tok))  # .item() synchronises the device
         times.append(time.perf_counter() - t0)
+        if margins is not None:
+            margins.append(_margin_ulps(logits[0]))
         if on_token is not None:
             on_token(tokens[-1])
     return tokens, times
+
+
+def _margin_ulps(logits: Tensor) -> float:
+    top = logits.topk(2).values.double()
+    exponent = torch.floor(torch.log2(top[0].abs().clamp_min(torch.finfo(logits.dtype).tiny)))
+    return float((top[0] - top[1]) / (torch.finfo(logits.dtype).eps * 2.0**exponent))
+
+
+def first_divergence(tokens: list[int], ref: list[int], ref_margins: list[float]) -> dict[str, Any] | None:
+    """Where ``tokens`` first differs from ``ref`` (``None``: equal), with ``ref``'s margin there (ulps).
+
+    Token ``i ≥ 1`` is the argmax of decode step ``i − 1``; token 0 comes from the shared prefill logits.
+    """
+    i = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), None)
+    if i is None:
+        return None if len(tokens) == len(ref) else {"token": min(len(tokens), len(ref)), "margin_ulps": None}
+    return {"token": i, "margin_ulps": ref_margins[i - 1] if 0 < i <= len(ref_margins) else None}

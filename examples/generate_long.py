@@ -5,8 +5,10 @@ Llama-3.2-1B-shaped model, ``attn128`` for D=128 attention with few layers) with
 ``attn_implementation="entmax15"`` — registered by ``entmaxkv_compile.hf``. The prompt is prefilled
 exactly by a chunked dense entmax (query chunks × all keys so far, causal) into a ``StaticCache``; the
 decode steps go through ``torch.compile(model, backend="entmaxkv")`` (certified policy: exact), with CUDA
-graphs on a GPU where they work. The same steps are decoded densely (eager or Inductor) from the same
-cache and the greedy tokens are compared.
+graphs on a GPU where they work. The same steps are decoded densely from the same cache and the greedy
+tokens are compared. The default dense decode, ``reference``, computes what the decode op computes (fp32
+scores of the cached operands; ``generate.reference_entmax_attention``); ``eager``/``inductor`` run the
+model as written, which in bf16 rounds every score to bf16 first, so near-tied tokens may part there.
 
     python examples/generate_long.py --preset tiny --context 512 --steps 16          # CPU, ~20 s
     python examples/generate_long.py --preset 1b --context 32768 --steps 64          # one GPU
@@ -37,7 +39,7 @@ def main() -> None:
     ap.add_argument("--prefill-len", type=int, default=None, help="exact prefill tokens; the rest repeated")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--policy", default="certified")
-    ap.add_argument("--dense", default="eager", choices=["eager", "inductor"], help="the reference decode")
+    ap.add_argument("--dense", default="reference", choices=["reference", "eager", "inductor"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     args = ap.parse_args()
@@ -73,8 +75,11 @@ def main() -> None:
     rewrites = torch._dynamo.utils.counters["entmaxkv"]["decode_attn"]
 
     generate.restore(cache, start)
-    dense = model if args.dense == "eager" else torch.compile(model)
-    ref_tokens, _ = generate.greedy(dense, logits, cache, args.steps)
+    dense = torch.compile(model) if args.dense == "inductor" else model
+    attn = "entmax15" + (generate.REFERENCE_SUFFIX if args.dense == "reference" else "")
+    margins: list[float] = []
+    with generate.attention(model, attn):
+        ref_tokens, _ = generate.greedy(dense, logits, cache, args.steps, margins=margins)
 
     steady = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
     print(f"entmaxkv: {rewrites} attention sites rewritten, policy={args.policy}, CUDA graphs={graphs}")
@@ -84,6 +89,8 @@ def main() -> None:
     print(f"tokens ({args.policy}): {tokens}")
     print(f"tokens (dense {args.dense}): {ref_tokens}")
     print(f"greedy tokens equal dense: {tokens == ref_tokens}")
+    if (div := generate.first_divergence(tokens, ref_tokens, margins)) is not None:
+        print(f"first different token: {div['token']}; dense top-2 margin there: {div['margin_ulps']} ulp")
     if rewrites == 0 or tokens != ref_tokens:
         raise SystemExit("MISMATCH: the entmaxkv decode does not reproduce dense greedy decoding")
 

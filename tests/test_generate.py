@@ -93,3 +93,29 @@ def test_generate_long_example(monkeypatch, capsys) -> None:
     out = capsys.readouterr().out
     assert "greedy tokens equal dense: True" in out
     assert "2 attention sites rewritten" in out
+
+
+def test_reference_attention_is_the_decode_oracle(model) -> None:
+    """``entmax15_reference`` = ``dense_decode`` (fp32 scores of the bf16 operands); the model's own
+    attention rounds the scores to bf16 first, so it is not (that is why it is not the token reference)."""
+    from entmaxkv_compile.hf import entmax_attention
+    from entmaxkv_compile.reference.decode import dense_decode
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, n, s, 64, generator=g).bfloat16() for n, s in ((4, 1), (2, 40), (2, 40)))
+    keep = torch.arange(40)[None, None, None, :] < 33
+    module = model.model.layers[0].self_attn
+    out, _ = generate.reference_entmax_attention(module, 3 * q, k, v, keep, 0.125, alpha=1.5)
+    bias = torch.zeros(1, 1, 1, 40).masked_fill(~keep, float("-inf"))
+    oracle = dense_decode(3 * q, k, v, scale=0.125, alpha=1.5, bias=bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 1, 4, 64)
+    assert torch.equal(out, oracle.transpose(1, 2))
+    as_written, _ = entmax_attention(module, 3 * q, k, v, keep, 0.125, alpha=1.5)
+    assert not torch.equal(as_written, out)
+    torch.testing.assert_close(as_written, out, atol=0.05, rtol=0.05)
+
+
+def test_first_divergence() -> None:
+    assert generate.first_divergence([5, 1, 2], [5, 1, 2], [3.0, 4.0]) is None
+    assert generate.first_divergence([5, 1, 2], [5, 1, 7], [3.0, 0.0]) == {"token": 2, "margin_ulps": 0.0}
+    assert generate.first_divergence([5, 1], [5, 1, 7], [3.0, 4.0]) == {"token": 2, "margin_ulps": None}

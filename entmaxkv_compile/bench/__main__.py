@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[
 ] = {
     "kernels": (kernels.add_arguments, kernels.run),
     "e2e": (e2e.add_arguments, e2e.run),
+    "e2e-summary": (e2e.add_summary_arguments, e2e.run_summary),
 }
 
 
