@@ -191,6 +191,7 @@ class SiteBuffers:
     def __init__(self, plan: Plan, device: torch.device, key_dtype: torch.dtype) -> None:
         p, dev = plan, device
         self.wm = torch.full((p.bh,), -1, dtype=torch.int32, device=dev)
+        self.vend = torch.full((p.bh,), p.s, dtype=torch.int32, device=dev)
         self.candidates = torch.zeros(p.bh, dtype=torch.int32, device=dev)
         self.mode = torch.zeros(p.bh, dtype=torch.int32, device=dev)
         self.support = torch.zeros(p.bh * p.r, dtype=torch.int32, device=dev)
@@ -270,9 +271,10 @@ def _score(
     sk = p.sk if sketch is not None else 0
     meta = (sketch.codes, sketch.scales, sketch.res) if sketch is not None else (q, q, q)
     last = sc.last if sketch is not None else sc.last_tail
+    vend = sketch.vend if sketch is not None else sc.mode
     score_kernel[(p.bh, p.nsplit)](
         q, st.k, st.bias, *meta, sc.seg_idx, sc.seg_z, sc.seg_cnt, sc.seg_max, last, sc.gmax, sc.ws,
-        sc.mode, *st.qkb(), p.hkv, p.s, p.s, p.split_len, p.segcap, st.zmul, st.bmul, want_mode,
+        sc.mode, vend, *st.qkb(), p.hkv, p.s, p.s, p.split_len, p.segcap, st.zmul, st.bmul, want_mode,
         D=p.d, BLOCK_N=p.block_n, SRC=sk, GS=p.gs, KEEP=not ws, WRITE_WS=ws, F32=st.f32,
         **st.common(), **st.bias_flags(), **_score_launch(st),
     )  # fmt: skip
@@ -333,7 +335,7 @@ def _update(st: Step, site: SiteBuffers, sc: Scratch) -> None:
     box = p.policy == "topk"
     sk = (site.codes, site.scales, site.res) if p.sk else (site.wm,) * 3
     update_kernel[(p.bh, p.nsplit)](
-        k, st.bias, site.wm, sc.mode, *sk, site.kmin if box else k, site.kmax if box else k,
+        k, st.bias, site.wm, site.vend, sc.mode, *sk, site.kmin if box else k, site.kmax if box else k,
         k.stride(0), k.stride(1), k.stride(2), *st.bst, p.hkv, p.s, p.s, p.n_pages,
         D=p.d, GS=p.gs, SK=p.sk, BOX=box, PS=p.ps, BT=32, BPG=max(1, 64 // p.ps), F32=st.f32,
         **st.common(), **st.bias_flags(),

@@ -9,6 +9,8 @@ position seen by the previous call, −1 = rebuild) and decides on device what t
 * otherwise only the window ``[wm − Lq, wm + Lq)``, which holds every position a decode step of ``Lq``
   query tokens can have written.
 
+The end of the (re)built range is stored as ``vend``: the sketch scoring pass reads no position past it.
+
 Sketch (``SK`` 1: int8, 2: int4): per token and channel group of ``GS``, ``step = max|k|/qmax`` stored in
 fp16, ``code = round(k/step)``, and the residual ``r = ‖k − k̂‖₂`` — ``k̂ = code·step`` as the scoring
 kernel forms it (one step per row: scaled after the dot, exact; several: dequantised to the key dtype for one
@@ -84,6 +86,7 @@ def update_kernel(
     k_ptr,
     bias_ptr,
     wm_ptr,
+    vend_ptr,
     mode_ptr,
     code_ptr,
     scale_ptr,
@@ -134,6 +137,7 @@ def update_kernel(
     hi = tl.where(rebuild, S, tl.minimum(wm + LQ, S))
     if pid == 0:
         tl.store(mode_ptr + bh, 0)
+        tl.store(vend_ptr + bh, hi)  # no valid position at or past it: the sketch scan stops there
     if SK != 0:
         NG: tl.constexpr = D // GS
         g = tl.arange(0, NG // SK)

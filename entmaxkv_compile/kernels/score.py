@@ -21,14 +21,21 @@ from .common import NEG_INF, cvt, cvt_key, group_rows, load_bias, load_q, mm
 
 
 @triton.jit
-def _dequant(codes, step_row, pmask, BLOCK_N: tl.constexpr, W: tl.constexpr, GS: tl.constexpr):
-    """``k̂ = code·step`` ``[BLOCK_N, W]`` (fp32) from codes ``[BLOCK_N, W]`` and the fp16 steps of their
-    ``W/GS`` channel groups at ``step_row[:, None] + g``."""
-    NG: tl.constexpr = W // GS
-    g = tl.arange(0, NG)
-    step = tl.load(step_row[:, None] + g[None, :], mask=pmask[:, None], other=0.0)
-    kh = tl.reshape(codes.to(tl.float32), [BLOCK_N, NG, GS]) * step.to(tl.float32)[:, :, None]
+def _dequant(codes, step, BLOCK_N: tl.constexpr, W: tl.constexpr, GS: tl.constexpr):
+    """``k̂ = code·step`` ``[BLOCK_N, W]`` (fp32) from codes ``[BLOCK_N, W]`` and the fp16 steps
+    ``[BLOCK_N, W/GS]`` of their channel groups."""
+    kh = tl.reshape(codes.to(tl.float32), [BLOCK_N, W // GS, GS]) * step.to(tl.float32)[:, :, None]
     return tl.reshape(kh, [BLOCK_N, W])
+
+
+@triton.jit
+def _sketch_tile(code_base, scale_base, res_base, pos, pm, W: tl.constexpr, NGT: tl.constexpr):
+    """One tile's codes ``[N, W]``, fp16 steps ``[N, D/GS]`` and residuals ``[N]`` (0 where ``~pm``)."""
+    p64 = pos.to(tl.int64)
+    codes = tl.load(code_base + p64[:, None] * W + tl.arange(0, W)[None, :], mask=pm[:, None], other=0)
+    g = tl.arange(0, NGT)
+    steps = tl.load(scale_base + p64[:, None] * NGT + g[None, :], mask=pm[:, None], other=0.0)
+    return codes, steps, tl.load(res_base + p64, mask=pm, other=0.0)
 
 
 @triton.jit
@@ -47,6 +54,7 @@ def score_kernel(
     gmax_ptr,
     ws_ptr,
     mode_ptr,
+    vend_ptr,
     sqb,
     sqh,
     sql,
@@ -106,12 +114,14 @@ def score_kernel(
             NGT: tl.constexpr = D // GS
             code_base = code_ptr + bh64 * sk_cap * W
             scale_base = scale_ptr + bh64 * sk_cap * NGT
-            w = tl.arange(0, W)
+            res_base = res_ptr + bh64 * sk_cap
         seg = bh64 * nsp + sp
         idx_base = seg_idx_ptr + seg * segcap
         zlo_base = seg_z_ptr + seg * 2 * R * segcap
         start = sp * split_len
         end = tl.minimum(start + split_len, S)
+        if SRC != 0:  # no valid position at or past vend (append semantics, kept by update_kernel)
+            end = tl.minimum(end, tl.load(vend_ptr + bh))
         runmax = tl.full([RP], NEG_INF, tl.float32)
         known = tl.full([RP], NEG_INF, tl.float32)
         pending = tl.full([RP], NEG_INF, tl.float32)
@@ -120,49 +130,56 @@ def score_kernel(
         last = tl.full([], 0, tl.int32)
         nxt = start + tl.arange(0, BLOCK_N)
         bias_nxt = load_bias(bias_base, hq, qp, rmask, nxt, nxt < end, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
+        if SRC != 0:
+            tile = _sketch_tile(code_base, scale_base, res_base, nxt, nxt < end, W, NGT)
+            codes_nxt, steps_nxt, res_nxt = tile
         for n0 in range(start, end, BLOCK_N):
+            # Loads run one tile ahead: the bias, and a sketch tile (masked by range only, so it waits on
+            # nothing); exact key rows wait on this tile's bias so masked rows are never read.
             pos = n0 + tl.arange(0, BLOCK_N)
             inr = pos < end
-            bias = bias_nxt  # loaded one tile ahead: the key loads below wait on no other load
+            bias = bias_nxt
             tokv = tl.max(bias, axis=0) > NEG_INF
             nxt = pos + BLOCK_N
             bias_nxt = load_bias(bias_base, hq, qp, rmask, nxt, nxt < end, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
-            p64 = pos.to(tl.int64)
             if SRC == 0:
-                kt = tl.load(k_base + p64[:, None] * sks + d[None, :], mask=tokv[:, None], other=0.0)
+                kt = tl.load(
+                    k_base + pos.to(tl.int64)[:, None] * sks + d[None, :], mask=tokv[:, None], other=0.0
+                )
                 zlo = mm(qc, tl.trans(cvt(kt, F32)), F32) * zmul + bias * bmul
                 zhi = zlo
             else:
-                # one load of the tile's codes, steps and residuals; several channel groups per row are
-                # dequantised to the key dtype (the reconstruction update_kernel measured the residual
-                # against) so that one dot scores them all
-                codes = tl.load(code_base + p64[:, None] * W + w[None, :], mask=tokv[:, None], other=0)
-                res = tl.load(res_ptr + bh64 * sk_cap + pos, mask=tokv, other=0.0)
-                srow = scale_base + p64 * NGT
+                codes, steps, res = codes_nxt, steps_nxt, res_nxt
+                codes_nxt, steps_nxt, res_nxt = _sketch_tile(
+                    code_base, scale_base, res_base, nxt, nxt < end, W, NGT
+                )
                 if SRC == 2:
                     packed = codes.to(tl.int32)
                     clo = (packed & 15) - 8
                     chi = (packed >> 4) - 8
                 if W == GS:  # one step per token (per half for int4): scale after the dot, no dequantising
-                    step = tl.load(srow, mask=tokv, other=0.0).to(tl.float32)
                     if SRC == 1:
+                        step = tl.reshape(steps, [BLOCK_N]).to(tl.float32)
                         qk = mm(qc, tl.trans(codes.to(qc.dtype)), F32) * step[None, :]
                     else:
-                        step_hi = tl.load(srow + 1, mask=tokv, other=0.0).to(tl.float32)
-                        qk = mm(qc, tl.trans(clo.to(qc.dtype)), F32) * step[None, :]
-                        qk += mm(qc_hi, tl.trans(chi.to(qc.dtype)), F32) * step_hi[None, :]
-                elif SRC == 1:
-                    kh = _dequant(codes, srow, tokv, BLOCK_N, D, GS)
+                        s_lo, s_hi = tl.split(steps)
+                        qk = mm(qc, tl.trans(clo.to(qc.dtype)), F32) * s_lo.to(tl.float32)[None, :]
+                        qk += mm(qc_hi, tl.trans(chi.to(qc.dtype)), F32) * s_hi.to(tl.float32)[None, :]
+                elif SRC == 1:  # several steps per row: dequantised to the key dtype (the reconstruction
+                    # update_kernel measured the residual against) so that one dot scores every group
+                    kh = _dequant(codes, steps, BLOCK_N, D, GS)
                     qk = mm(qc, tl.trans(cvt_key(kh, k_ptr, F32)), F32)
                 else:
-                    klo = _dequant(clo, srow, tokv, BLOCK_N, D // 2, GS)
-                    khi = _dequant(chi, srow + NGT // 2, tokv, BLOCK_N, D // 2, GS)
+                    s_lo, s_hi = tl.split(tl.permute(tl.reshape(steps, [BLOCK_N, 2, NGT // 2]), (0, 2, 1)))
+                    klo = _dequant(clo, s_lo, BLOCK_N, D // 2, GS)
+                    khi = _dequant(chi, s_hi, BLOCK_N, D // 2, GS)
                     qk = mm(qc, tl.trans(cvt_key(klo, k_ptr, F32)), F32)
                     qk += mm(qc_hi, tl.trans(cvt_key(khi, k_ptr, F32)), F32)
+                live = bias > NEG_INF  # the sketch of a masked position may be anything, even NaN
                 zc = qk * zmul + bias * bmul
                 eps = emul[:, None] * res[None, :]
-                zlo = zc - eps
-                zhi = zc + eps
+                zlo = tl.where(live, zc - eps, NEG_INF)
+                zhi = tl.where(live, zc + eps, NEG_INF)
             tmax = tl.max(zlo, axis=1)
             runmax = tl.maximum(runmax, tmax)
             last = tl.maximum(last, tl.max(tl.where(tokv, pos + 1, 0)))
