@@ -1,11 +1,12 @@
 """Train the small entmax-1.5 LM of the fidelity evaluation (entmaxkv_compile.models.llama_entmax).
 
 Data: Python sources of the installed torch package and the standard library (split by file hash, see
-entmaxkv_compile.models.corpus), a quarter of the sequences carrying a passkey (a five-digit key planted
-anywhere in the window and repeated at its end). Loss: next-byte cross-entropy, plus the cross-entropy of
-the answer digits alone so retrieval gets a signal of its own.
+entmaxkv_compile.models.corpus), a quarter of the sequences carrying 1-4 passkey rounds (a five-digit
+key planted at a random depth, asked for later), the others a span of text repeated. Loss: next-byte
+cross-entropy, plus the cross-entropy of the retrieval targets alone so retrieval gets a signal of its
+own. docs/FIDELITY.md says why.
 
-    PYTHONPATH=. python examples/train_entmax_lm.py --time-budget 330      # one H200, ~6 min
+    PYTHONPATH=. python examples/train_entmax_lm.py --time-budget 400      # one H200, ~7 min
     PYTHONPATH=. python examples/train_entmax_lm.py --smoke                # CPU, a few steps
 
 Writes ``<out-dir>/entmax_lm.pt`` (fp16 weights + config + training facts) and ``<out-dir>/train_log.txt``.
@@ -27,23 +28,41 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from entmaxkv_compile.models.corpus import load_text, passkey_sequence
+from entmaxkv_compile.models.corpus import PASSKEY_MIN_LEN, copy_sequence, load_text, retrieval_sequence
 from entmaxkv_compile.models.llama_entmax import EntmaxLM, LMConfig, count_params, save_model
 
 LN2 = math.log(2.0)
+# "small" is the scaled-down model of the CPU learnability check (docs/FIDELITY.md)
+MODELS = {
+    "full": {},
+    "small": {"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 1, "head_dim": 32, "ffn_dim": 384},
+}
 
 
 def make_batch(
-    text: np.ndarray, rng: np.random.Generator, batch: int, seq_len: int, passkey_frac: float
+    text: np.ndarray,
+    rng: np.random.Generator,
+    batch: int,
+    seq_len: int,
+    passkey_frac: float,
+    max_rounds: int = 1,
+    copy_frac: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """Sequences ``[B, T+1]`` (int64) and a mask ``[B, T]`` of the targets that are passkey digits."""
+    """Sequences ``[B, T+1]`` (int64) and a mask ``[B, T]`` of the retrieval targets: a passkey sequence
+    holds 1 … ``max_rounds`` needle/question rounds (uniformly); a ``copy_frac`` share of the other
+    sequences repeats a span of other text (16 … T/8 bytes) (copied bytes are targets)."""
     seqs = np.empty((batch, seq_len + 1), dtype=np.int64)
     answer = np.zeros((batch, seq_len), dtype=bool)
     for i in range(batch):
         if rng.random() < passkey_frac:
-            pk = passkey_sequence(text, seq_len + 1, rng, depth=float(rng.random()))
+            rounds = int(rng.integers(1, max_rounds + 1))
+            pk = retrieval_sequence(text, seq_len + 1, rng, rounds)
             seqs[i] = pk.tokens
             answer[i, pk.answer - 1] = True  # target index j predicts token j + 1
+        elif rng.random() < copy_frac:
+            pk = copy_sequence(text, seq_len + 1, rng, span=int(rng.integers(16, seq_len // 8 + 1)))
+            seqs[i] = pk.tokens
+            answer[i, pk.answer - 1] = True
         else:
             start = int(rng.integers(0, len(text) - seq_len - 1))
             seqs[i] = text[start : start + seq_len + 1]
@@ -57,15 +76,16 @@ def lr_at(progress: float, args: argparse.Namespace, step: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: EntmaxLM, val: Tensor, passkeys: tuple[Tensor, Tensor]) -> tuple[float, float]:
-    """Validation bits per byte and passkey accuracy (all digits right, teacher-forced)."""
+def evaluate(model: EntmaxLM, val: Tensor, passkeys: tuple[Tensor, Tensor]) -> tuple[float, float, float]:
+    """Validation bits per byte, passkey accuracy (all digits right, teacher-forced) and digit accuracy."""
     model.eval()
     losses = [F.cross_entropy(model(w[None, :-1])[0], w[1:]).item() for w in val]
     seqs, answer = passkeys
-    pred = model(seqs[:, :-1]).argmax(-1)
-    correct = ((pred == seqs[:, 1:]) | ~answer).all(-1).float().mean().item()
+    hit = model(seqs[:, :-1]).argmax(-1) == seqs[:, 1:]
+    correct = (hit | ~answer).all(-1).float().mean().item()
+    digits = hit[answer].float().mean().item()
     model.train()
-    return float(np.mean(losses)) / LN2, correct
+    return float(np.mean(losses)) / LN2, correct, digits
 
 
 def parse_args() -> argparse.Namespace:
@@ -79,15 +99,24 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--min-lr-frac", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--passkey-frac", type=float, default=0.25)
+    p.add_argument("--passkey-frac", type=float, default=0.25, help="share of sequences with passkeys")
+    p.add_argument("--max-rounds", type=int, default=4, help="needle/question rounds per passkey sequence")
+    p.add_argument("--copy-frac", type=float, default=1.0, help="share of the others with a copied span")
+    p.add_argument("--answer-weight", type=float, default=1.0, help="weight of the answer-digit loss")
+    p.add_argument("--rope-fraction", type=float, default=0.5, help="share of RoPE pairs that rotate")
+    p.add_argument("--model", choices=sorted(MODELS), default="full")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny data, 3 steps (for tests)")
     args = p.parse_args()
     if args.smoke:
-        args.steps, args.batch, args.seq_len, args.warmup = 3, 2, 128, 1
+        args.steps, args.batch, args.seq_len, args.warmup, args.max_rounds = 3, 2, 128, 1, 2
         args.eval_every = args.log_every = 2
+    if (args.seq_len + 1) // args.max_rounds < PASSKEY_MIN_LEN:
+        p.error(
+            f"--max-rounds {args.max_rounds}: a round needs {PASSKEY_MIN_LEN} of the {args.seq_len} bytes"
+        )
     return args
 
 
@@ -107,7 +136,7 @@ def main() -> None:
 
     limit = 4 << 20 if args.smoke else None
     train_text, val_text = load_text("train", max_bytes=limit), load_text("val", max_bytes=limit)
-    cfg = LMConfig()
+    cfg = LMConfig(rope_fraction=args.rope_fraction, **MODELS[args.model])
     model = EntmaxLM(cfg).to(device)
     log(f"args {vars(args)}")
     log(f"torch {torch.__version__} device {device} params {count_params(model)} config {cfg}")
@@ -132,11 +161,13 @@ def main() -> None:
         lr = lr_at(progress, args, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        seqs, answer = make_batch(train_text, rng, args.batch, args.seq_len, args.passkey_frac)
+        seqs, answer = make_batch(
+            train_text, rng, args.batch, args.seq_len, args.passkey_frac, args.max_rounds, args.copy_frac
+        )
         seqs, answer = seqs.to(device, non_blocking=True), answer.to(device, non_blocking=True)
         logits = model(seqs[:, :-1])
         ce = F.cross_entropy(logits.flatten(0, 1), seqs[:, 1:].flatten(), reduction="none").view_as(answer)
-        loss = ce.mean() + (ce * answer).sum() / answer.sum().clamp_min(1)
+        loss = ce.mean() + args.answer_weight * (ce * answer).sum() / answer.sum().clamp_min(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -149,8 +180,11 @@ def main() -> None:
         if step % args.log_every == 0:
             log(f"step {step} t {elapsed:.0f}s lr {lr:.2e} train_bpb {ce.mean().item() / LN2:.4f}")
         if step % args.eval_every == 0 or progress >= 1.0:
-            bpb, acc = evaluate(model, val, passkeys)
-            log(f"step {step} t {elapsed:.0f}s val_bpb {bpb:.4f} passkey_acc@{args.seq_len} {acc:.3f}")
+            bpb, acc, digits = evaluate(model, val, passkeys)
+            log(
+                f"step {step} t {elapsed:.0f}s val_bpb {bpb:.4f} passkey_acc@{args.seq_len} {acc:.3f}"
+                f" digit_acc {digits:.3f}"
+            )
 
     meta = {
         "steps": step,
@@ -159,6 +193,7 @@ def main() -> None:
         "seq_len": args.seq_len,
         "val_bpb": round(bpb, 4),
         "passkey_acc": acc,
+        "digit_acc": round(digits, 4),
         "seed": args.seed,
         "torch": str(torch.__version__),
     }

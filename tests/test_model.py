@@ -13,7 +13,13 @@ import pytest
 import torch
 
 import entmaxkv_compile.models.llama_entmax as lm
-from entmaxkv_compile.models.corpus import KEY_DIGITS, is_validation, passkey_sequence
+from entmaxkv_compile.models.corpus import (
+    KEY_DIGITS,
+    copy_sequence,
+    is_validation,
+    passkey_sequence,
+    retrieval_sequence,
+)
 from entmaxkv_compile.models.llama_entmax import EntmaxLM, LMConfig, count_params, load_model, save_model
 from entmaxkv_compile.reference.entmax import entmax
 
@@ -120,6 +126,35 @@ def test_passkey_sequence_layout() -> None:
     assert len(pk.tokens) == 300 and len(key) == KEY_DIGITS and key.isdigit()
     assert f"# passkey: {key}\n" in text and text.endswith(f"passkey: {key}\n")
     assert is_validation("stdlib/os.py") == is_validation("stdlib/os.py")
+
+
+def test_retrieval_sequence_rounds() -> None:
+    filler = np.frombuffer(b"x = 1\n" * 200, dtype=np.uint8)
+    pk = retrieval_sequence(filler, 301, np.random.default_rng(0), rounds=3)
+    text = pk.tokens.tobytes().decode()
+    assert len(pk.tokens) == 301 and len(pk.answer) == 3 * KEY_DIGITS
+    keys = [text[a : a + KEY_DIGITS] for a in pk.answer[::KEY_DIGITS]]
+    assert all(k.isdigit() for k in keys)
+    for k, a in zip(keys, pk.answer[::KEY_DIGITS]):  # each question asks for the latest needle before it
+        before = text[:a]
+        assert before.endswith("# repeat the passkey: ") and before.rfind(f"# passkey: {k}\n") >= 0
+        assert before.rfind("# passkey: ") == before.rfind(f"# passkey: {k}\n")
+
+
+def test_copy_sequence_targets_the_second_copy() -> None:
+    filler = np.frombuffer(bytes(range(256)) * 4, dtype=np.uint8)
+    pk = copy_sequence(filler, 200, np.random.default_rng(1), span=20)
+    assert len(pk.tokens) == 200 and len(pk.answer) == 19
+    second = pk.tokens[pk.answer[0] - 1 : pk.answer[-1] + 1]
+    first = [i for i in range(pk.answer[0] - 20) if np.array_equal(pk.tokens[i : i + 20], second)]
+    assert first, "the copied string occurs earlier"
+
+
+def test_partial_rope_leaves_slow_pairs_unrotated() -> None:
+    cos, sin = lm.rope_angles(torch.arange(50), head_dim=16, base=100.0, fraction=0.5)
+    half = torch.tensor([True] * 4 + [False] * 4).repeat(2)  # [x1 | x2] halves share the frequencies
+    assert (cos[:, ~half] == 1).all() and (sin[:, ~half] == 0).all()
+    assert (sin[1:, half] != 0).all()
 
 
 def test_training_smoke_run(tmp_path: Path) -> None:

@@ -6,7 +6,11 @@ first ``VAL_PERCENT`` of the hash range, so the split is fixed per file and neve
 
 Passkey: a five-digit key is planted in filler text (``NEEDLE``) and asked for at the end (``QUESTION``);
 the key's digits follow the same prefix ``passkey: `` in both places, so retrieving it is an induction
-(copy) problem at whatever distance the needle sits.
+(copy) problem at whatever distance the needle sits. For training, :func:`retrieval_sequence` chains
+several such rounds in one window (each question asks for the most recent needle), which gives more
+answer digits per sequence and a spread of needle distances from a few bytes to the whole window, and
+:func:`copy_sequence` repeats a span of text inside a window: copying it is the same induction step
+(find the earlier occurrence, continue it) with a dense signal, one target per copied byte.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ MAX_FILE_BYTES = 1 << 20
 NEEDLE = "\n# passkey: {key}\n"
 QUESTION = "\n# repeat the passkey: {key}\n"
 KEY_DIGITS = 5
+PASSKEY_MIN_LEN = len(NEEDLE.format(key="0" * KEY_DIGITS) + QUESTION.format(key="0" * KEY_DIGITS))
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
@@ -72,7 +77,8 @@ def load_text(
 
 @dataclass(frozen=True)
 class Passkey:
-    """A passkey sequence: ``tokens[L]`` and the positions of the key's digits in the answer."""
+    """A retrieval sequence: ``tokens[L]`` and the positions of the tokens only retrieval predicts (the
+    key's digits in the answer, or the bytes of a copy)."""
 
     tokens: np.ndarray
     answer: np.ndarray
@@ -93,3 +99,30 @@ def passkey_sequence(filler: np.ndarray, length: int, rng: np.random.Generator, 
     tokens = np.concatenate([fill[:cut], needle, fill[cut:], question])
     answer = np.arange(length - 1 - KEY_DIGITS, length - 1)  # the digits; a newline ends the sequence
     return Passkey(tokens=tokens, answer=answer)
+
+
+def retrieval_sequence(filler: np.ndarray, length: int, rng: np.random.Generator, rounds: int) -> Passkey:
+    """``rounds`` passkey sequences of about ``length / rounds`` bytes each (needles at uniformly random
+    depths, fresh keys), concatenated to ``length`` bytes; ``answer`` holds the digits of every round."""
+    bounds = np.linspace(0, length, rounds + 1).round().astype(int)
+    parts = [
+        passkey_sequence(filler, int(hi - lo), rng, depth=float(rng.random()))
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+    ]
+    tokens = np.concatenate([pk.tokens for pk in parts])
+    answer = np.concatenate([pk.answer + lo for pk, lo in zip(parts, bounds[:-1])])
+    return Passkey(tokens=tokens, answer=answer)
+
+
+def copy_sequence(filler: np.ndarray, length: int, rng: np.random.Generator, span: int) -> Passkey:
+    """``length`` bytes of filler with a ``span``-byte stretch of other filler text inserted twice, at
+    random places; ``answer`` holds the positions of the second copy's bytes after its first."""
+    n_fill = length - 2 * span
+    if n_fill < 0 or len(filler) < max(n_fill, span):
+        raise ValueError(f"copy length={length}, span={span}: too short or longer than the filler")
+    fill = filler[(s := int(rng.integers(0, len(filler) - n_fill + 1))) : s + n_fill]
+    src = filler[(s := int(rng.integers(0, len(filler) - span + 1))) : s + span]
+    c1, c2 = np.sort(rng.integers(0, n_fill + 1, 2))
+    tokens = np.concatenate([fill[:c1], src, fill[c1:c2], src, fill[c2:]])
+    second = c2 + span
+    return Passkey(tokens=tokens, answer=np.arange(second + 1, second + span))

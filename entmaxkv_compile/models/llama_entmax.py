@@ -48,6 +48,7 @@ class LMConfig:
     head_dim: int = 64
     ffn_dim: int = 768
     rope_base: float = 100.0
+    rope_fraction: float = 1.0  # share of each head's frequency pairs that rotate (the fastest ones)
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -85,9 +86,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Te
     return entmax15(scores) @ v
 
 
-def rope_angles(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """``cos, sin`` of shape ``[T, head_dim]`` for integer positions ``pos[T]``."""
+def rope_angles(pos: Tensor, head_dim: int, base: float, fraction: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``cos, sin`` of shape ``[T, head_dim]`` for integer positions ``pos[T]``; only the fastest
+    ``fraction`` of the frequency pairs rotate, the slowest ones are position-free (p-RoPE)."""
     inv_freq = base ** -(torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    inv_freq[round(fraction * inv_freq.numel()) :] = 0.0
     ang = pos.float()[:, None] * inv_freq
     ang = torch.cat([ang, ang], dim=-1)
     return ang.cos(), ang.sin()
@@ -248,7 +251,7 @@ class EntmaxLM(nn.Module):
         else:
             pos = torch.arange(t, device=device)
             mask = torch.full((t, t), float("-inf"), device=device).triu(1)
-        cos, sin = rope_angles(pos, self.cfg.head_dim, self.cfg.rope_base)
+        cos, sin = rope_angles(pos, self.cfg.head_dim, self.cfg.rope_base, self.cfg.rope_fraction)
         x = self.embed(tokens)
         for blk in self.layers:
             x = blk(x, cos, sin, mask, input_pos if cached else None, record)
