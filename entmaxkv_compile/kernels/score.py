@@ -130,12 +130,14 @@ def score_kernel(
         last = tl.full([], 0, tl.int32)
         nxt = start + tl.arange(0, BLOCK_N)
         bias_nxt = load_bias(bias_base, hq, qp, rmask, nxt, nxt < end, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
-        if SRC != 0:
+        if SRC == 2:
             tile = _sketch_tile(code_base, scale_base, res_base, nxt, nxt < end, W, NGT)
             codes_nxt, steps_nxt, res_nxt = tile
         for n0 in range(start, end, BLOCK_N):
-            # Loads run one tile ahead: the bias, and a sketch tile (masked by range only, so it waits on
-            # nothing); exact key rows wait on this tile's bias so masked rows are never read.
+            # The bias is loaded a tile ahead, so no key load waits on another load; exact key rows wait on
+            # this tile's bias (masked rows are never read), sketch tiles are masked by range only. int4
+            # tiles are loaded a further tile ahead (faster on the H200; int8, which spills registers at
+            # the cap when doing so, was slower).
             pos = n0 + tl.arange(0, BLOCK_N)
             inr = pos < end
             bias = bias_nxt
@@ -149,11 +151,13 @@ def score_kernel(
                 zlo = mm(qc, tl.trans(cvt(kt, F32)), F32) * zmul + bias * bmul
                 zhi = zlo
             else:
-                codes, steps, res = codes_nxt, steps_nxt, res_nxt
-                codes_nxt, steps_nxt, res_nxt = _sketch_tile(
-                    code_base, scale_base, res_base, nxt, nxt < end, W, NGT
-                )
-                if SRC == 2:
+                if SRC == 1:
+                    codes, steps, res = _sketch_tile(code_base, scale_base, res_base, pos, inr, W, NGT)
+                else:
+                    codes, steps, res = codes_nxt, steps_nxt, res_nxt
+                    codes_nxt, steps_nxt, res_nxt = _sketch_tile(
+                        code_base, scale_base, res_base, nxt, nxt < end, W, NGT
+                    )
                     packed = codes.to(tl.int32)
                     clo = (packed & 15) - 8
                     chi = (packed >> 4) - 8
