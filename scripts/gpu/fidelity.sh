@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU: train the fidelity LM (examples/train_entmax_lm.py) then evaluate every policy on it.
 # Writes $OUT/fidelity/{entmax_lm.pt,train_log.txt,train_stdout.txt,fidelity.json,fidelity.png,eval_stdout.txt}.
-#   TRAIN_BUDGET  training seconds (default 400)       EVAL_TIMEOUT  seconds for the evaluation (default 150)
+#   TRAIN_BUDGET  training seconds (default 190)       EVAL_TIMEOUT  seconds for the evaluation (default 150)
 #   STAGE=train|eval|all                                 (default all)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -10,7 +10,7 @@ dir="$OUT/fidelity"
 mkdir -p "$dir"
 stage=${STAGE:-all}
 if [ "$stage" != eval ]; then
-  python3 examples/train_entmax_lm.py --time-budget "${TRAIN_BUDGET:-400}" --out-dir "$dir" \
+  python3 examples/train_entmax_lm.py --time-budget "${TRAIN_BUDGET:-190}" --out-dir "$dir" \
     > "$dir/train_stdout.txt" 2>&1
   echo "[fidelity] train rc=$?"; tail -n 3 "$dir/train_stdout.txt"
 fi
