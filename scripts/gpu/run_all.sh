@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Everything the GPU machine is for, in one call (≈ 9.5 min on one H200), results under $OUT:
-#   1. train the fidelity LM (background) while the GPU test suite runs (correctness only, so sharing is fine)
-#   2. evaluate every policy on the trained model          (fidelity.sh, STAGE=eval)
-#   3. kernel benchmark on a quiet GPU                      (kernels.sh, tests skipped: step 1 ran them)
-#   4. end-to-end decode benchmark                         (e2e.sh)
+# The GPU checks in one call (≈ 6 min on one H200), results under $OUT:
+#   1. the whole gpu-marked test suite (correctness; 3 workers share the GPU)
+#   2. reliability rows: the 2,048-step compile-count test, GPU bad-input/state tests, a 60-variant fuzz run
+#   3. the kernel benchmark on a quiet GPU (kernels.sh; its tests are skipped: step 1 ran them)
+# The end-to-end benchmark (scripts/gpu/e2e.sh, ≈ 5 min) and the fidelity LM (scripts/gpu/fidelity.sh:
+# training + evaluation, ≈ 5 min) are calls of their own: together they would exceed one 10-minute call.
 # Each step is bounded by `timeout`; a failing step does not stop the others.
-#   bash scripts/gpu/run_all.sh        (from the repo root, with OUT set)
+#   OUT=/tmp/out bash scripts/gpu/run_all.sh        (from the repo root)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=.
@@ -20,20 +21,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt"
 cat "$OUT/gpu.txt"
 
-STAGE=train TRAIN_BUDGET=${TRAIN_BUDGET:-230} bash scripts/gpu/fidelity.sh > "$OUT/fidelity_train.log" 2>&1 &
-train_pid=$!
 stamp "GPU tests"
-timeout "${TEST_TIMEOUT:-230}" python3 -m pytest -m gpu -v -n 4 -p no:cacheprovider tests/ \
+timeout 240 python3 -m pytest -m gpu -q -n 3 -p no:cacheprovider tests/ --ignore=tests/gpu/test_gpu_recompiles.py \
   --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
-stamp "GPU tests rc=$?"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 3
-grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -n 30
-wait "$train_pid"; stamp "training done"; cat "$OUT/fidelity_train.log"
+stamp "GPU tests rc=$?"; grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -n 1
+grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -n 30
 
-STAGE=eval EVAL_TIMEOUT=${EVAL_TIMEOUT:-95} bash scripts/gpu/fidelity.sh > "$OUT/fidelity_eval.log" 2>&1
-stamp "eval done"; tail -n 34 "$OUT/fidelity_eval.log"
+timeout 200 bash scripts/gpu/reliability.sh > "$OUT/reliability.log" 2>&1
+stamp "reliability rc=$?"; tail -n 8 "$OUT/reliability.log"
 
-SKIP_TESTS=1 timeout 85 bash scripts/gpu/kernels.sh > "$OUT/kernels.log" 2>&1
+SKIP_TESTS=1 timeout 90 bash scripts/gpu/kernels.sh > "$OUT/kernels.log" 2>&1
 stamp "kernels rc=$?"; tail -n 30 "$OUT/kernels.log"
-timeout 145 bash scripts/gpu/e2e.sh > "$OUT/e2e.log" 2>&1
-stamp "e2e rc=$?"; tail -n 30 "$OUT/e2e.log"
 stamp "all done"
