@@ -206,3 +206,24 @@ def test_softmax_topk_opt_in(budget):
     counters.clear()
     torch.compile(fn, backend=backend(cfg.replace(softmax_topk=False)), fullgraph=True)(q, k, v, mask)
     assert counters["entmaxkv"]["decode_attn"] == 0
+
+
+def test_softmax_topk_nan_and_masked_rows():
+    """Fully masked rows give 0; a NaN/+inf score makes its row NaN like eager softmax, even when the
+    selection drops that token; other rows are unaffected."""
+    from entmaxkv_compile.reference.decode import softmax_topk_decode
+
+    q, k, v, mask = inputs(s=100)
+    cfg = FAST.replace(softmax_topk=True, page_size=8, budget_pages=2, sink_pages=1, recent_pages=1)
+    bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    base = softmax_topk_decode(q, k, v, scale=32**-0.5, bias=bias, config=cfg)
+    bias[0] = float("-inf")  # batch row 0: nothing to attend
+    k2 = k.clone()
+    k2[1, 0, 40] = float("nan")  # batch row 1, KV head 0: one NaN key in a middle page
+    out = softmax_topk_decode(q, k2, v, scale=32**-0.5, bias=bias, config=cfg)
+    assert (out[0] == 0).all()
+    g = q.shape[1] // k.shape[1]
+    assert out[1, :g].isnan().all() and not out[1, g:].isnan().any()
+    torch.testing.assert_close(out[1, g:], base[1, g:])
+    eager = torch.softmax((q[1:2, :g] @ k2[1:2, :1].transpose(-1, -2)) * 32**-0.5, -1)
+    assert eager.isnan().all()  # what eager gives for those rows

@@ -187,7 +187,8 @@ def softmax_topk_decode(
     """Quest-style *softmax* decode (approximate, opt-in through ``config.softmax_topk``).
 
     Softmax over the tokens of the ``budget_pages`` pages with the highest page upper bound, plus the sink
-    and recent pages (the ``topk`` selection); fully masked rows give 0.
+    and recent pages (the ``topk`` selection); fully masked rows give 0, rows with a NaN or +inf score give
+    NaN (as eager softmax does, whether or not the selection kept that token).
     """
     b, hq, _, _ = q.shape
     hkv, n_tok = k.shape[1], k.shape[2]
@@ -195,7 +196,9 @@ def softmax_topk_decode(
     valid = (s > NEG_INF).reshape(b, -1, n_tok).any(1)
     pages, _, _ = _page_selection(q, k, s, valid, scale, 2.0, bias, config.replace(policy="topk"))
     keep = pages.repeat_interleave(config.page_size, dim=-1)[..., :n_tok]
-    p = torch.softmax(s.masked_fill(~_to_heads(keep, hq), NEG_INF), dim=-1).nan_to_num(0.0)
+    kept = s.masked_fill(~_to_heads(keep, hq), NEG_INF)
+    p = torch.softmax(kept, dim=-1).masked_fill((kept == NEG_INF).all(-1, keepdim=True), 0.0)
+    p = p.masked_fill((s.isnan() | (s == float("inf"))).any(-1, keepdim=True), float("nan"))
     return (p.reshape(b, hkv, -1, n_tok) @ v.float()).reshape(b, hq, -1, v.shape[-1]).to(q.dtype)
 
 
