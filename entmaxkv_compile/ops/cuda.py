@@ -5,7 +5,8 @@ cache capacity: key sketches (``certified``) or page boxes (``topk``), a device 
 and the last step's statistics. The metadata is updated incrementally on device (see
 :mod:`entmaxkv_compile.kernels.meta`); it is rebuilt when the cache tensor changes (``data_ptr``, shape,
 strides or dtype — checked on the host, so not during CUDA-graph replay), when a group's sequence gets
-shorter or jumps ahead by more than one step (checked on device), and after :func:`reset_all`.
+shorter or jumps ahead by more than one step, or its probed key rows changed (checked on device), and
+after :func:`reset_all`.
 Working memory (:class:`~entmaxkv_compile.kernels.launch.Scratch`) is shared by sites with the same plan.
 
 CUDA graphs: both are allocated on a site's first call, which must not be inside a stream capture (a
