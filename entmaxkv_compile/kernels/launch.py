@@ -326,12 +326,17 @@ def _output(st: Step, sc: Scratch, site: SiteBuffers, nlast: int) -> None:
     )  # fmt: skip
 
 
+def _probe(st: Step, site: SiteBuffers, record: bool) -> None:
+    k = st.k
+    probe_kernel[(st.p.bh,)](
+        k, site.wm, site.probe_pos, site.probe_rows, k.stride(0), k.stride(1), k.stride(2), st.p.hkv,
+        D=st.p.d, P=PROBES, RECORD=record,
+    )  # fmt: skip
+
+
 def _update(st: Step, site: SiteBuffers, sc: Scratch) -> None:
     p, k = st.p, st.k
-    probe_kernel[(p.bh,)](
-        k, site.wm, site.probe_pos, site.probe_rows, k.stride(0), k.stride(1), k.stride(2), p.hkv, D=p.d,
-        P=PROBES,
-    )  # fmt: skip
+    _probe(st, site, record=False)
     box = p.policy == "topk"
     sk = (site.codes, site.scales, site.res) if p.sk else (site.wm,) * 3
     update_kernel[(p.bh, p.nsplit)](
@@ -405,4 +410,5 @@ def decode(
         nlast = p.nsplit_p
     _dense(st, sc, first=False)
     _output(st, sc, site, nlast)
+    _probe(st, site, record=True)
     return st.out

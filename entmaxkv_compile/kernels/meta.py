@@ -18,9 +18,9 @@ kernel forms it (one step per row: scaled after the dot, exact; several: dequant
 ``γ·(2‖k̂‖₂ + r)`` (``γ = 2(D+2)·2⁻²⁴``) so ``|fl(q·k) − fl(q·k̂)| ≤ ‖q‖₂·r`` holds for computed scores.
 Any step gives a valid bound because ``r`` is measured against the stored reconstruction.
 
-``probe_kernel`` runs first: it re-reads ``P`` key rows per group recorded by the previous call at positions
-spread over ``[0, wm)`` and forces a rebuild when any changed (a new sequence written into the same cache can
-look like an append), then records the rows now found at positions spread over the current ``[0, wm)``.
+``probe_kernel`` runs first: it re-reads ``P`` key rows per group recorded by the previous call and forces a
+rebuild when any changed (a new sequence written into the same cache can look like an append); after the
+output kernel has advanced ``wm`` it runs again to record the rows at positions spread over ``[0, wm)``.
 
 Boxes (``BOX``): element-wise min/max over a page's valid keys, in the key dtype (exact); +inf/−inf for a
 page without valid tokens. The output kernel advances ``wm`` at the end of the call.
@@ -64,21 +64,37 @@ def _valid_at(
 
 
 @triton.jit
-def probe_kernel(k_ptr, wm_ptr, pos_ptr, rows_ptr, skb, skh, sks, Hkv, D: tl.constexpr, P: tl.constexpr):
+def probe_kernel(
+    k_ptr,
+    wm_ptr,
+    pos_ptr,
+    rows_ptr,
+    skb,
+    skh,
+    sks,
+    Hkv,
+    D: tl.constexpr,
+    P: tl.constexpr,
+    RECORD: tl.constexpr,
+):
+    """``RECORD`` 0 (before the update): force a rebuild (``wm = −1``) where a recorded key row changed
+    (NaN keys: always). ``RECORD`` 1 (after the output kernel advanced ``wm``): record the rows at ``P``
+    positions spread over ``[0, wm)``."""
     bh = tl.program_id(0)
     bh64 = bh.to(tl.int64)
     k_base = k_ptr + (bh // Hkv).to(tl.int64) * skb + (bh % Hkv).to(tl.int64) * skh
     j = tl.arange(0, P)
     d = tl.arange(0, D)
     rows = rows_ptr + (bh64 * P + j)[:, None] * D + d[None, :]
-    pos = tl.load(pos_ptr + bh64 * P + j).to(tl.int64)
-    cur = tl.load(k_base + pos[:, None] * sks + d[None, :])
-    changed = tl.sum(tl.sum((cur != tl.load(rows)).to(tl.int32), axis=1), axis=0) > 0  # NaN: always
-    wm = tl.where(changed, -1, tl.load(wm_ptr + bh))
-    tl.store(wm_ptr + bh, wm)
-    npos = tl.maximum(wm - 1, 0).to(tl.int64) * j // (P - 1)
-    tl.store(pos_ptr + bh64 * P + j, npos.to(tl.int32))
-    tl.store(rows, tl.load(k_base + npos[:, None] * sks + d[None, :]))
+    if RECORD:
+        pos = tl.maximum(tl.load(wm_ptr + bh) - 1, 0).to(tl.int64) * j // (P - 1)
+        tl.store(pos_ptr + bh64 * P + j, pos.to(tl.int32))
+        tl.store(rows, tl.load(k_base + pos[:, None] * sks + d[None, :]))
+    else:
+        pos = tl.load(pos_ptr + bh64 * P + j).to(tl.int64)
+        cur = tl.load(k_base + pos[:, None] * sks + d[None, :])
+        if tl.sum(tl.sum((cur != tl.load(rows)).to(tl.int32), axis=1), axis=0) > 0:
+            tl.store(wm_ptr + bh, -1)
 
 
 @triton.jit

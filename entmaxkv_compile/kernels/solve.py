@@ -28,10 +28,12 @@ def _compact_above(idx_ptr, z_ptr, n, tau0, BLOCK: tl.constexpr):
     for s0 in range(0, n, BLOCK):
         o = s0 + tl.arange(0, BLOCK)
         z = tl.load(z_ptr + o, mask=o < n, other=NEG_INF)
+        idx = tl.load(idx_ptr + o, mask=o < n, other=0)  # both read before any store of this block
         keep = z > tau0
         ki = keep.to(tl.int32)
         slot = cnt + tl.cumsum(ki, 0) - 1  # ≤ o: compacting in place never overtakes the reads
-        tl.store(idx_ptr + slot, tl.load(idx_ptr + o, mask=keep, other=0), mask=keep)
+        tl.debug_barrier()
+        tl.store(idx_ptr + slot, idx, mask=keep)
         tl.store(z_ptr + slot, z, mask=keep)
         cnt += tl.sum(ki)
     return cnt
