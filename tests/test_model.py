@@ -161,8 +161,18 @@ def test_training_smoke_run(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     script = str(ROOT / "examples/train_entmax_lm.py")
     # 3 steps: two on 64-byte windows (the curriculum), the last on the 128-byte smoke windows
-    cmd = [sys.executable, script, "--smoke", "--short-seq-len", "64", "--short-frac", "0.5"]
-    proc = subprocess.run([*cmd, "--out-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        script,
+        "--smoke",
+        "--short-seq-len",
+        "64",
+        "--short-frac",
+        "0.5",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = (tmp_path / "train_log.txt").read_text()
     assert "val_bpb" in log and "done" in log
