@@ -6,7 +6,9 @@ at a random depth, asked for at the end). Loss: next-byte cross-entropy, plus th
 retrieval targets alone so retrieval gets a signal of its own. The defaults are the recipe of the committed
 weights (artifacts/entmax_lm.pt); ``--max-rounds 4 --copy-frac 1 --rope-fraction 0.5`` is the second
 recipe tried (several passkey rounds per sequence, copied spans, partial RoPE): docs/FIDELITY.md has both
-runs' figures.
+runs' figures. ``--passkey-frac 1 --max-rounds 16`` is the recipe the CPU search of docs/FIDELITY.md
+found to learn full-key retrieval fastest; ``--short-seq-len N --short-frac F`` trains the first ``F`` of
+the schedule on ``N``-byte windows (same bytes per step).
 
     PYTHONPATH=. python examples/train_entmax_lm.py --time-budget 190      # the committed weights (one H200)
     PYTHONPATH=. python examples/train_entmax_lm.py --smoke                # CPU, a few steps
