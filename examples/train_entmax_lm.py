@@ -6,7 +6,9 @@ at a random depth, asked for at the end). Loss: next-byte cross-entropy, plus th
 retrieval targets alone so retrieval gets a signal of its own. The defaults are the recipe of the committed
 weights (artifacts/entmax_lm.pt); ``--max-rounds 4 --copy-frac 1 --rope-fraction 0.5`` is the second
 recipe tried (several passkey rounds per sequence, copied spans, partial RoPE): docs/FIDELITY.md has both
-runs' figures.
+runs' figures. ``--passkey-frac 1 --max-rounds 16`` is the recipe the CPU search of docs/FIDELITY.md
+found to learn full-key retrieval fastest; ``--short-seq-len N --short-frac F`` trains the first ``F`` of
+the schedule on ``N``-byte windows (same bytes per step).
 
     PYTHONPATH=. python examples/train_entmax_lm.py --time-budget 190      # the committed weights (one H200)
     PYTHONPATH=. python examples/train_entmax_lm.py --smoke                # CPU, a few steps
@@ -106,6 +108,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--copy-frac", type=float, default=0.0, help="share of the others with a copied span")
     p.add_argument("--answer-weight", type=float, default=1.0, help="weight of the answer-digit loss")
     p.add_argument("--rope-fraction", type=float, default=1.0, help="share of RoPE pairs that rotate")
+    p.add_argument("--short-seq-len", type=int, default=0, help="curriculum: shorter windows first (0 = off)")
+    p.add_argument("--short-frac", type=float, default=0.0, help="share of the schedule on the short windows")
     p.add_argument("--model", choices=sorted(MODELS), default="full")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=50)
@@ -119,6 +123,8 @@ def parse_args() -> argparse.Namespace:
         p.error(
             f"--max-rounds {args.max_rounds}: a round needs {PASSKEY_MIN_LEN} of the {args.seq_len} bytes"
         )
+    if args.short_seq_len and not PASSKEY_MIN_LEN <= args.short_seq_len + 1 <= args.seq_len + 1:
+        p.error(f"--short-seq-len {args.short_seq_len}: must be in [{PASSKEY_MIN_LEN - 1}, --seq-len]")
     return args
 
 
@@ -158,14 +164,20 @@ def main() -> None:
         lr=args.lr,
         betas=(0.9, 0.95),
     )
-    t0, step, progress = time.time(), 0, 0.0
+    t0, step, progress, was_short = time.time(), 0, 0.0, False
     while progress < 1.0:
         lr = lr_at(progress, args, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        seqs, answer = make_batch(
-            train_text, rng, args.batch, args.seq_len, args.passkey_frac, args.max_rounds, args.copy_frac
-        )
+        seq_len, batch, rounds = args.seq_len, args.batch, args.max_rounds
+        short = args.short_seq_len > 0 and progress < args.short_frac
+        if short:  # curriculum: the same bytes per step in shorter windows, as many rounds as fit
+            seq_len, batch = args.short_seq_len, args.batch * args.seq_len // args.short_seq_len
+            rounds = max(1, min(rounds, (seq_len + 1) // PASSKEY_MIN_LEN))
+        elif was_short:
+            log(f"step {step}: curriculum switches from {args.short_seq_len}- to {seq_len}-byte windows")
+        was_short = short
+        seqs, answer = make_batch(train_text, rng, batch, seq_len, args.passkey_frac, rounds, args.copy_frac)
         seqs, answer = seqs.to(device, non_blocking=True), answer.to(device, non_blocking=True)
         logits = model(seqs[:, :-1])
         ce = F.cross_entropy(logits.flatten(0, 1), seqs[:, 1:].flatten(), reduction="none").view_as(answer)

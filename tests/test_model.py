@@ -159,10 +159,23 @@ def test_partial_rope_leaves_slow_pairs_unrotated() -> None:
 
 def test_training_smoke_run(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "examples/train_entmax_lm.py"), "--smoke", "--out-dir", str(tmp_path)]
+    script = str(ROOT / "examples/train_entmax_lm.py")
+    # 3 steps: two on 64-byte windows (the curriculum), the last on the 128-byte smoke windows
+    cmd = [
+        sys.executable,
+        script,
+        "--smoke",
+        "--short-seq-len",
+        "64",
+        "--short-frac",
+        "0.5",
+        "--out-dir",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = (tmp_path / "train_log.txt").read_text()
     assert "val_bpb" in log and "done" in log
+    assert "step 2: curriculum switches from 64- to 128-byte windows" in log
     model, meta = load_model(tmp_path / "entmax_lm.pt")
     assert meta["steps"] == 3 and np.isfinite(meta["val_bpb"])

@@ -3,6 +3,7 @@
 # Writes $OUT/fidelity/{entmax_lm.pt,train_log.txt,train_stdout.txt,fidelity.json,fidelity.png,eval_stdout.txt}.
 #   TRAIN_BUDGET  training seconds (default 190)       EVAL_TIMEOUT  seconds for the evaluation (default 150)
 #   STAGE=train|eval|all                                 (default all)
+#   TRAIN_ARGS    extra flags of the training script (default none: the committed recipe)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=.
@@ -10,7 +11,7 @@ dir="$OUT/fidelity"
 mkdir -p "$dir"
 stage=${STAGE:-all}
 if [ "$stage" != eval ]; then
-  python3 examples/train_entmax_lm.py --time-budget "${TRAIN_BUDGET:-190}" --out-dir "$dir" \
+  python3 examples/train_entmax_lm.py --time-budget "${TRAIN_BUDGET:-190}" --out-dir "$dir" ${TRAIN_ARGS:-} \
     > "$dir/train_stdout.txt" 2>&1
   echo "[fidelity] train rc=$?"; tail -n 3 "$dir/train_stdout.txt"
 fi
