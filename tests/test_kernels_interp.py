@@ -197,21 +197,25 @@ def test_min_context_runs_dense():
         assert site.mode.tolist() == [1, 1]
 
 
+def _site_step(policy, q, k_cache, v_cache, length, site):
+    """One decode step of ``site`` on a static cache holding ``length`` tokens; its error vs the reference."""
+    cfg = EntmaxKVConfig(policy=policy, page_size=8, budget_pages=2, min_candidates=16)
+    scale = q.shape[-1] ** -0.5 * 2
+    bias = _mask(1, k_cache.shape[2], [length])
+    out = ops_cuda.decode_site(q, k_cache, v_cache, bias, scale, 1.5, site, cfg, n_programs=4, block_n=16)
+    ref, _ = decode_attention(q, k_cache, v_cache, scale=scale, alpha=1.5, bias=bias, config=cfg)
+    return _err(out, ref)
+
+
 @pytest.mark.parametrize("policy", ["certified", "topk"])
 def test_incremental_metadata_across_steps(policy):
     """A static cache decoded step by step: metadata updated in place equals a fresh rebuild, a shorter
     sequence triggers a rebuild on device, a new cache tensor or ``reset_all`` one on the host."""
-    s, d = 96, 64
-    q, k, v = _inputs(1, 2, 2, 1, s, d, torch.float32, seed=5)
+    q, k, v = _inputs(1, 2, 2, 1, 96, 64, torch.float32, seed=5)
     k_cache, v_cache = torch.zeros_like(k), torch.zeros_like(v)
-    cfg = EntmaxKVConfig(policy=policy, page_size=8, budget_pages=2, min_candidates=16)
-    scale = d**-0.5 * 2
 
     def step(length, site=7):
-        bias = _mask(1, s, [length])
-        out = ops_cuda.decode_site(q, k_cache, v_cache, bias, scale, 1.5, site, cfg, n_programs=4, block_n=16)
-        ref, _ = decode_attention(q, k_cache, v_cache, scale=scale, alpha=1.5, bias=bias, config=cfg)
-        assert _err(out, ref) < 1e-5, length
+        assert _site_step(policy, q, k_cache, v_cache, length, site) < 1e-5, length
         return ops_cuda._sites[(site, k_cache.device)].buffers
 
     k_cache[:, :, :40], v_cache[:, :, :40] = k[:, :, :40], v[:, :, :40]  # prefill
@@ -228,7 +232,7 @@ def test_incremental_metadata_across_steps(policy):
     ops_cuda.reset_all()  # unrelated content at an unsuspicious length: the explicit reset
     step(21)
     assert buf.wm.tolist() == [21, 21]
-    k_cache[:, :, :22] = torch.randn(1, 2, 22, d) * 3  # a new sequence one token longer: looks like an append
+    k_cache[:, :, :22] = torch.randn(1, 2, 22, 64) * 3  # a new sequence one token longer: like an append
     step(22)  # the probed keys changed: rebuilt, still equal to the reference
     for name in ("codes", "scales", "res") if policy == "certified" else ("kmin", "kmax"):
         assert torch.equal(getattr(buf, name), getattr(step(22, site=9), name)), name
@@ -238,20 +242,14 @@ def test_incremental_metadata_across_steps(policy):
 def test_new_sequence_after_a_rebuild_with_the_same_first_row(policy):
     """The probes are recorded after the watermark advances: right after a rebuild (first call) they spread
     over the sequence, not all on position 0, so a new sequence sharing only its first key row is seen."""
-    s, d = 96, 64
-    q, k, v = _inputs(1, 2, 2, 1, s, d, torch.float32, seed=5)
+    q, k, v = _inputs(1, 2, 2, 1, 96, 64, torch.float32, seed=5)
     k_cache, v_cache = k.clone(), v.clone()
-    cfg = EntmaxKVConfig(policy=policy, page_size=8, budget_pages=2, min_candidates=16)
-    scale = d**-0.5 * 2
 
-    def step(length, site=11):
-        bias = _mask(1, s, [length])
-        out = ops_cuda.decode_site(q, k_cache, v_cache, bias, scale, 1.5, site, cfg, n_programs=4, block_n=16)
-        ref, _ = decode_attention(q, k_cache, v_cache, scale=scale, alpha=1.5, bias=bias, config=cfg)
-        return _err(out, ref)
+    def step(length):
+        return _site_step(policy, q, k_cache, v_cache, length, site=11)
 
     assert step(40) < 1e-5  # first call: a rebuild
     gen = torch.Generator().manual_seed(1)
-    k_cache[:, :, 1:41] = torch.randn(1, 2, 40, d, generator=gen) * 3  # a new sequence, same row 0
+    k_cache[:, :, 1:41] = torch.randn(1, 2, 40, 64, generator=gen) * 3  # a new sequence, same row 0
     k_cache[:, :, 7] = 4 * q[:, ::2, 0]  # a key the new sequence attends to strongly
     assert step(41) < 1e-5  # looks like an append: only the probes can tell
