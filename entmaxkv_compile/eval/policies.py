@@ -228,7 +228,7 @@ def policy_table(context: int) -> list[Policy]:
         cfg = EntmaxKVConfig(policy="adaptive", page_size=16, budget_pages=pages(f, 16))
         name = f"adaptive p16 cap 1/{round(1 / f)}"
         out.append(Policy(name, "adaptive", _reference(cfg), {"cap": f}, f == 1 / 16))
-    for sketch, group in (("int8", 32), ("int4", 32), ("int4", 16), ("int4", 8)):
+    for sketch, group in (("int8", 32), ("int8", 64), ("int4", 32), ("int4", 16), ("int4", 8)):
         cfg = EntmaxKVConfig(policy="certified", sketch=sketch, sketch_group=group, candidate_fraction=1.0)
         name = f"certified {sketch} g{group} l2 2r"
         settings = {"sketch": sketch, "group": group, "bound": "l2", "rounds": 2}
