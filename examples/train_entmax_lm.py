@@ -1,16 +1,17 @@
 """Train the small entmax-1.5 LM of the fidelity evaluation (entmaxkv_compile.models.llama_entmax).
 
 Data: Python sources of the installed torch package and the standard library (split by file hash, see
-entmaxkv_compile.models.corpus), a quarter of the sequences carrying a passkey (a five-digit key planted
-at a random depth, asked for at the end). Loss: next-byte cross-entropy, plus the cross-entropy of the
-retrieval targets alone so retrieval gets a signal of its own. The defaults are the recipe of the committed
-weights (artifacts/entmax_lm.pt); ``--max-rounds 4 --copy-frac 1 --rope-fraction 0.5`` is the second
-recipe tried (several passkey rounds per sequence, copied spans, partial RoPE): docs/FIDELITY.md has both
-runs' figures. ``--passkey-frac 1 --max-rounds 16`` is the recipe the CPU search of docs/FIDELITY.md
-found to learn full-key retrieval fastest; ``--short-seq-len N --short-frac F`` trains the first ``F`` of
-the schedule on ``N``-byte windows (same bytes per step).
+entmaxkv_compile.models.corpus); every sequence is 1 … 16 passkey rounds (each a five-digit key planted
+at a random depth of its stretch and asked for at the stretch's end), the recipe the CPU search of
+docs/FIDELITY.md found to learn full-key retrieval fastest. Loss: next-byte cross-entropy, plus the
+cross-entropy of the retrieval targets alone so retrieval gets a signal of its own. The defaults are the
+recipe of the committed weights (artifacts/entmax_lm.pt, 360 s on one H200). Recipes that did not learn
+retrieval stay available: ``--passkey-frac 0.25 --max-rounds 1`` (run 1) and ``--passkey-frac 0.25
+--max-rounds 4 --copy-frac 1 --rope-fraction 0.5`` (run 2: copied spans, partial RoPE);
+``--short-seq-len N --short-frac F`` trains the first ``F`` of the schedule on ``N``-byte windows (same
+bytes per step).
 
-    PYTHONPATH=. python examples/train_entmax_lm.py --time-budget 190      # the committed weights (one H200)
+    PYTHONPATH=. python examples/train_entmax_lm.py --time-budget 360      # the committed weights (one H200)
     PYTHONPATH=. python examples/train_entmax_lm.py --smoke                # CPU, a few steps
 
 Writes ``<out-dir>/entmax_lm.pt`` (fp16 weights + config + training facts) and ``<out-dir>/train_log.txt``.
@@ -103,8 +104,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--min-lr-frac", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--passkey-frac", type=float, default=0.25, help="share of sequences with passkeys")
-    p.add_argument("--max-rounds", type=int, default=1, help="needle/question rounds per passkey sequence")
+    p.add_argument("--passkey-frac", type=float, default=1.0, help="share of sequences with passkeys")
+    p.add_argument("--max-rounds", type=int, default=16, help="needle/question rounds per passkey sequence")
     p.add_argument("--copy-frac", type=float, default=0.0, help="share of the others with a copied span")
     p.add_argument("--answer-weight", type=float, default=1.0, help="weight of the answer-digit loss")
     p.add_argument("--rope-fraction", type=float, default=1.0, help="share of RoPE pairs that rotate")
