@@ -11,12 +11,22 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
 pytest.importorskip("numpy", reason="the Triton interpreter needs numpy")
 pytest.importorskip("triton", reason="Triton is not installed")
 
 from entmaxkv_compile.config import EntmaxKVConfig  # noqa: E402
-from entmaxkv_compile.kernels.launch import INTERPRET, Scratch, SiteBuffers, decode, make_plan  # noqa: E402
+from entmaxkv_compile.kernels.launch import (  # noqa: E402
+    INTERPRET,
+    Scratch,
+    SiteBuffers,
+    Step,
+    _score,
+    _update,
+    decode,
+    make_plan,
+)
 from entmaxkv_compile.ops import cuda as ops_cuda  # noqa: E402
 from entmaxkv_compile.reference.decode import decode_attention, dense_decode  # noqa: E402
 
@@ -134,6 +144,62 @@ def test_certified_is_exact(sketch, group, alpha):
     support = stats.support_size.reshape(4, 2).amax(-1).int()
     assert (site.candidates[sparse] >= support[sparse]).all() and (site.candidates[sparse] > 0).all()
     assert site.wm.tolist() == [192, 192, 150, 150]
+
+
+def _two_level_residual(x: Tensor) -> Tensor:
+    """What ``score_kernel`` leaves of a query row after its two int8 levels (``x − s1·c1 − s2·c2``)."""
+    for _ in range(2):
+        a = x.abs().max()
+        s = a / 127 if a > 1e-30 else torch.tensor(1.0)
+        x = x - torch.floor(x / s + 0.5) * s
+    return x
+
+
+@pytest.mark.parametrize("sketch,group", [("int8", 64), ("int4", 32), ("int8", 16), ("int4", 16)])
+def test_sketch_bounds_contain_the_exact_scores(sketch, group):
+    """Keys the sketch holds exactly (no residual beyond the fp32 allowance), so the bound must carry all
+    the rest of the kernel's error: the query's int8 rounding on the one-step-per-row path. Half the keys
+    are worst cases for it (``±qmax`` with the sign of the first row's rounding residual), which the
+    rounding allowance alone does not cover (outlier channel: ‖q‖₂ ≈ max|q|)."""
+    qmax, hkv, g, s, d = (127 if sketch == "int8" else 7), 2, 2, 96, 64
+    gen = torch.Generator().manual_seed(3)
+    q = 0.1 * torch.randn(1, hkv * g, 1, d, generator=gen)
+    q[..., 5] = 10.0
+    codes = torch.randint(-qmax, qmax + 1, (1, hkv, s, d), generator=gen)
+    for h in range(hkv):
+        codes[0, h, ::2] = qmax * torch.sign(_two_level_residual(q[0, h * g, 0])).long()
+    codes[..., ::group] = qmax  # every channel group reaches qmax: its step is exactly 1/8
+    k = codes / 8.0
+    scale, alpha = 1e-3, 1.5  # all scores within 1 of the maximum: every token is kept with its bounds
+    cfg = EntmaxKVConfig(
+        policy="certified", sketch=sketch, sketch_group=group, candidate_fraction=1.0, min_candidates=s
+    )
+    plan = make_plan(tuple(q.shape), tuple(k.shape), d, cfg, 4, 16)
+    site, sc = SiteBuffers(plan, q.device, k.dtype), Scratch(plan, q.device)
+    st = Step(plan, q, k, k, None, scale, alpha)
+    _update(st, site, sc)
+    _score(st, sc, 0, sketch=site)
+    assert site.res.max() < 0.01  # only the fp32 rounding allowance: the sketch is exact
+    exact = (
+        (alpha - 1)
+        * scale
+        * torch.einsum("hd,hsd->hs", q[0, :, 0].double(), k[0].double().repeat_interleave(g, 0))
+    )
+    r = plan.r
+    seen = 0
+    for seg in range(plan.bh * plan.nsplit):
+        n, kvh = int(sc.seg_cnt[seg]), seg // plan.nsplit
+        pos = sc.seg_idx[seg * plan.segcap :][:n].long()
+        z = (
+            sc.seg_z[seg * 2 * r * plan.segcap :][: 2 * r * plan.segcap]
+            .view(2, r, plan.segcap)[..., :n]
+            .double()
+        )
+        want = exact[kvh * g : (kvh + 1) * g][:, pos]
+        tol = 1e-6 * want.abs() + 1e-12
+        assert (z[0] <= want + tol).all() and (z[1] >= want - tol).all()
+        seen += n
+    assert seen == plan.bh * s
 
 
 @pytest.mark.parametrize("policy,sketch", [("dense", "int8"), ("certified", "int4")])

@@ -10,6 +10,10 @@ static capacity ``segcap`` (a count past it marks an overflow). With ``WRITE_WS`
 dense workspace instead (the overflow fallback). ``cand_kernel`` turns a sketch segment into a segment of
 exact scores: it keeps the tokens whose upper bound beats ``τ_low`` (the threshold of the lower bounds,
 which is ≤ τ by monotonicity), gathers their exact key rows and compacts them in place.
+
+An int8 sketch with one step per key row (the default) is scored by int8 tensor-core dots on the codes as
+loaded: the query is split into two int8 levels once per program, and what those leave (``‖e‖₁·127·step``
+per token) widens the bound. Grouped steps dequantise each tile to the key dtype for one 16-bit dot.
 """
 
 from __future__ import annotations
@@ -26,6 +30,27 @@ def _dequant(codes, step, BLOCK_N: tl.constexpr, W: tl.constexpr, GS: tl.constex
     ``[BLOCK_N, W/GS]`` of their channel groups."""
     kh = tl.reshape(codes.to(tl.float32), [BLOCK_N, W // GS, GS]) * step.to(tl.float32)[:, :, None]
     return tl.reshape(kh, [BLOCK_N, W])
+
+
+@triton.jit
+def _qcode(x, s):
+    """``round(x/s)`` as int8 codes (``|x| ≤ 127·s``) and the residual ``x − code·s`` (fp32)."""
+    c = tl.floor(x / s[:, None] + 0.5)
+    return c.to(tl.int8), x - c * s[:, None]
+
+
+@triton.jit
+def _qstep(amax):
+    """Quantisation step of int8 codes for rows of largest magnitude ``amax`` (1 where ~0: codes 0)."""
+    return tl.where(amax > 1e-30, amax / 127.0, 1.0)
+
+
+@triton.jit
+def _idot(c1, c2, s1, s2, codes):
+    """``(s1·c1 + s2·c2) · codesᵀ`` ``[RP, N]`` (fp32) from two exact int8 tensor-core products."""
+    a1 = tl.dot(c1, tl.trans(codes), out_dtype=tl.int32).to(tl.float32)
+    a2 = tl.dot(c2, tl.trans(codes), out_dtype=tl.int32).to(tl.float32)
+    return a1 * s1[:, None] + a2 * s2[:, None]
 
 
 @triton.jit
@@ -112,6 +137,15 @@ def score_kernel(
             emul = zmul * tl.sqrt(tl.sum(qf * qf, axis=1))  # (α−1)·scale·‖q‖₂ per row
             W: tl.constexpr = D if SRC == 1 else D // 2
             NGT: tl.constexpr = D // GS
+            if SRC == 1 and W == GS:  # one step per row: int8 dots on the codes as loaded
+                # q = s1·c1 + s2·c2 + e with int8 c1, c2; |e·k̂| ≤ ‖e‖₁·127·step joins the bound, plus a
+                # slack (D·max|q|·2⁻²⁰) covering the fp32 rounding of e and of the combination.
+                amax = tl.max(tl.abs(qf), axis=1)
+                s1 = _qstep(amax)
+                c1, e = _qcode(qf, s1)
+                s2 = _qstep(tl.max(tl.abs(e), axis=1))
+                c2, e = _qcode(e, s2)
+                qerr = zmul * 127.0 * (tl.sum(tl.abs(e), axis=1) + D * amax * 9.5367431640625e-07)
             code_base = code_ptr + bh64 * sk_cap * W
             scale_base = scale_ptr + bh64 * sk_cap * NGT
             res_base = res_ptr + bh64 * sk_cap
@@ -136,8 +170,8 @@ def score_kernel(
         for n0 in range(start, end, BLOCK_N):
             # The bias is loaded a tile ahead, so no key load waits on another load; exact key rows wait on
             # this tile's bias (masked rows are never read), sketch tiles are masked by range only. int4
-            # tiles are loaded a further tile ahead (faster on the H200; int8, which spills registers at
-            # the cap when doing so, was slower).
+            # tiles are loaded a further tile ahead (faster on the H200; int8 tiles, which spill registers at
+            # the cap doing so, were slower).
             pos = n0 + tl.arange(0, BLOCK_N)
             inr = pos < end
             bias = bias_nxt
@@ -161,10 +195,11 @@ def score_kernel(
                     packed = codes.to(tl.int32)
                     clo = (packed & 15) - 8
                     chi = (packed >> 4) - 8
-                if W == GS:  # one step per token (per half for int4): scale after the dot, no dequantising
+                if W == GS:  # one step per row (per half for int4): scaled after the dot
                     if SRC == 1:
                         step = tl.reshape(steps, [BLOCK_N]).to(tl.float32)
-                        qk = mm(qc, tl.trans(codes.to(qc.dtype)), F32) * step[None, :]
+                        qk = _idot(c1, c2, s1, s2, codes) * step[None, :]
+                        qeps = qerr[:, None] * step[None, :]
                     else:
                         s_lo, s_hi = tl.split(steps)
                         qk = mm(qc, tl.trans(clo.to(qc.dtype)), F32) * s_lo.to(tl.float32)[None, :]
@@ -182,6 +217,8 @@ def score_kernel(
                 live = bias > NEG_INF  # the sketch of a masked position may be anything, even NaN
                 zc = qk * zmul + bias * bmul
                 eps = emul[:, None] * res[None, :]
+                if SRC == 1 and W == GS:
+                    eps += qeps
                 zlo = tl.where(live, zc - eps, NEG_INF)
                 zhi = tl.where(live, zc + eps, NEG_INF)
             tmax = tl.max(zlo, axis=1)

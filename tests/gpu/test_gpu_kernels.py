@@ -24,6 +24,7 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 POLICIES = {
     "dense": dict(policy="dense"),
     "certified-int8": dict(policy="certified", sketch="int8"),
+    "certified-int8-row": dict(policy="certified", sketch="int8", sketch_group=256),  # one step per key row
     "certified-int4": dict(policy="certified", sketch="int4", candidate_fraction=0.5),
     "topk": dict(policy="topk", budget_pages=8),
 }
@@ -84,7 +85,7 @@ def test_matrix_matches_reference(dtype, shape, policy, alpha):
         ref = dense_decode(q, k, v, scale=scale, alpha=alpha, bias=bias)
     assert _err(out, ref) < TOL[dt]
     stats = ops_cuda.site_stats(site)
-    if policy == "certified-int8" and shape == "gqa":
+    if policy.startswith("certified-int8") and shape == "gqa":
         assert (stats["mode"] == 0).all()  # certified sparse, no fallback on peaky data
     # Same step again through the incremental metadata path. Equal up to rounding, not bitwise: which tokens a
     # scoring program keeps races on a shared running maximum, so a borderline group may take the workspace
