@@ -137,7 +137,7 @@ def test_unsupported_sites_stay_dense_with_a_reason(case: str, reason: str) -> N
         extra = (torch.tensor(1.3),)
     elif case == "head_dim_for_certified":
         q, k, v = q[..., :16], k[..., :16], v[..., :16]
-        config = FAST.replace(policy="certified")
+        config = FAST.replace(policy="certified", sketch_group=32)
 
     def fn(q, k, v, mask, *alpha):
         norm = (lambda x: entmax.entmax_bisect(x, alpha=alpha[0] + 0)) if alpha else normalise

@@ -53,7 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fractions", default="0.002,0.015,0.07", help="certified candidate fractions")
     p.add_argument("--sketches", default="int8,int4")
     p.add_argument(
-        "--sketch-groups", default="32", help="comma list of sketch channel-group sizes (one step per group)"
+        "--sketch-groups",
+        default="default",
+        help="comma list of sketch channel-group sizes (one step per group; 'default': the config's)",
     )
     p.add_argument("--topk", default="64", help="comma list of n: top-k budgets of 1/n of the pages")
     p.add_argument("--reps", type=int, default=50, help="timed replays per variant (median)")
@@ -195,7 +197,7 @@ def _bench_case(
 
     records: list[dict] = []
     topk_divs = [int(x) for x in args.topk.split(",") if x]
-    groups = [int(x) for x in args.sketch_groups.split(",")]
+    groups = [None if x == "default" else int(x) for x in args.sketch_groups.split(",")]
     b, hq, hkv, d = shape["b"], shape["hq"], shape["hkv"], shape["d"]
     q, k, v, plants = planted(shape, s, fractions)
     bias = torch.zeros(b, 1, 1, s, device="cuda")
@@ -225,7 +227,7 @@ def _bench_case(
     )
 
     def ours(config: EntmaxKVConfig):
-        site = 100 * VARIANT_SITES[config.policy, config.sketch] + config.sketch_group.bit_length()
+        site = 100 * VARIANT_SITES[config.policy, config.sketch] + (config.sketch_group or 0).bit_length()
         return site, lambda: ops_cuda.decode_site(q, k, v, bias, scale, ALPHA, site, config, n_programs)
 
     def group_stats(site: int) -> tuple[float, float, list]:
@@ -250,14 +252,14 @@ def _bench_case(
         )
         return out
 
-    def certified_variant(frac: float, sk: str, gs: int, dense_out: Tensor | None):
-        cfg = EntmaxKVConfig(policy="certified", sketch=sk, sketch_group=gs)
+    def certified_variant(frac: float, sk: str, group: int | None, dense_out: Tensor | None):
+        cfg = EntmaxKVConfig(policy="certified", sketch=sk, sketch_group=group)
         site, fn = ours(cfg)
         out = fn().clone()
         cand, sup, modes = group_stats(site)
-        gs = max(16, min(gs, d if sk == "int8" else d // 2))  # as the kernels clamp it
+        gs = max(16, min(cfg.group_size(d), d if sk == "int8" else d // 2))  # as the kernels clamp it
         meta = b * hkv * s * ((d if sk == "int8" else d // 2) + 2 * (d // gs) + 4)
-        name = f"certified-{sk}" + ("" if gs == 32 else f"-g{gs}")
+        name = f"certified-{sk}" + ("" if group is None else f"-g{gs}")
         record(
             name, fn, meta + cand * d * esize + sup * d * esize + b * s * 4, out, dense_out,
             fraction=frac, candidates_frac=cand / (b * hkv * s), support=sup, modes=modes,

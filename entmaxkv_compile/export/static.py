@@ -50,11 +50,12 @@ def _site_op(site: AttentionSite, config: EntmaxKVConfig) -> tuple[torch._ops.Op
             )
             args = (config.budget_pages, config.page_size, config.sink_pages, config.recent_pages)
             return torch.ops.entmaxkv.static_topk_attn.default, args
-        if head_dim % config.sketch_group:
-            raise ValueError(f"sketch_group={config.sketch_group} must divide the head dim {head_dim}")
+        group = config.group_size(head_dim)
+        if head_dim % group:
+            raise ValueError(f"sketch_group={group} must divide the head dim {head_dim}")
         capacity = max(config.min_candidates, math.ceil(config.candidate_fraction * seq_len))
         check_static_certified(seq_len, capacity)
-        args = (capacity, SKETCH_BITS[config.sketch], config.sketch_group)
+        args = (capacity, SKETCH_BITS[config.sketch], group)
         return torch.ops.entmaxkv.static_certified_attn.default, args
     except (ValueError, NotImplementedError) as err:
         raise type(err)(f"attention site {site.name}: {err}") from None

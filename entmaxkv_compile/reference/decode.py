@@ -163,7 +163,7 @@ def _certified_selection(
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
     bits = 8 if config.sketch == "int8" else 4
-    sketch = build_sketch(k, bits, config.sketch_group)
+    sketch = build_sketch(k, bits, config.group_size(d))
     s_hat, eps = sketch_score_bounds(q, sketch, scale)
     b_f = 0.0 if bias is None else bias.float()
     masked = s == NEG_INF
@@ -177,7 +177,7 @@ def _certified_selection(
     tau_probe = _threshold((alpha - 1) * s.masked_fill(~_to_heads(probe, hq), NEG_INF), alpha)
     tau_lb = torch.maximum(tau_low, tau_probe)
     read = probe | _to_groups((alpha - 1) * hi > tau_lb[..., None], hkv)
-    sketch_bytes = valid.sum(-1, keepdim=True) * (d * bits // 8 + 4 * (d // config.sketch_group) + 4)
+    sketch_bytes = valid.sum(-1, keepdim=True) * (d * bits // 8 + 4 * (d // config.group_size(d)) + 4)
     return read, hi, tau_lb, sketch_bytes.expand(b, hkv)
 
 
