@@ -99,17 +99,22 @@ def solve_kernel(
                 sl0 = tl.arange(0, SB)
                 n = tl.full([], 0, tl.int32)
                 hist = tl.zeros([2 * NB], tl.int32)
+                zp = seg_z_ptr + (seg[:, None] * 2 * R + r) * segcap
+                ip = seg_idx_ptr + seg[:, None] * segcap
+                # each chunk's (z, idx) is loaded one chunk ahead: no chunk waits on its own loads
+                m_nx = smask[:, None] & (sl0[None, :] < cnts[:, None])
+                z_nx = tl.load(zp + sl0[None, :], mask=m_nx, other=NEG_INF)
+                i_nx = tl.load(ip + sl0[None, :], mask=m_nx, other=0)
                 for s0 in range(0, tl.max(cnts), SB):
                     sl = s0 + sl0
-                    m2 = smask[:, None] & (sl[None, :] < cnts[:, None])
-                    z = tl.load(
-                        seg_z_ptr + (seg[:, None] * 2 * R + r) * segcap + sl[None, :], mask=m2, other=NEG_INF
-                    )
+                    z, idx = z_nx, i_nx
+                    m_nx = smask[:, None] & (sl[None, :] + SB < cnts[:, None])
+                    z_nx = tl.load(zp + SB + sl[None, :], mask=m_nx, other=NEG_INF)
+                    i_nx = tl.load(ip + SB + sl[None, :], mask=m_nx, other=0)
                     keep = z > zmax - 1.0
                     ki = keep.to(tl.int32)
                     kc = tl.sum(ki, axis=1)
                     slot = n + (tl.cumsum(kc, 0) - kc)[:, None] + tl.cumsum(ki, 1) - 1
-                    idx = tl.load(seg_idx_ptr + seg[:, None] * segcap + sl[None, :], mask=keep, other=0)
                     tl.store(list_idx_ptr + row * cap2 + slot, idx, mask=keep)
                     tl.store(list_z_ptr + row * cap2 + slot, z, mask=keep)
                     n += tl.sum(kc)
