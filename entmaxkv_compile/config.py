@@ -147,8 +147,9 @@ def _field_docs() -> dict[str, str]:
 def markdown() -> str:
     """``docs/CONFIG.md``: every :class:`EntmaxKVConfig` field with its type, default and description."""
     docs = _field_docs()
+    pipe = "\\|"  # a type's `|` must not split the table cell
     rows = [
-        f"| `{f.name}` | `{f.type}` | `{f.default!r}` | {docs.get(f.name, '')} |"
+        f"| `{f.name}` | `{str(f.type).replace('|', pipe)}` | `{f.default!r}` | {docs.get(f.name, '')} |"
         for f in dataclasses.fields(EntmaxKVConfig)
     ]
     return _DOC_HEADER + "\n".join(rows) + "\n"
