@@ -84,6 +84,23 @@ def test_alpha_outside_range_site_is_left_dense_and_logged(caplog) -> None:
     assert counters["entmaxkv"]["decode_attn"] == 0
 
 
+@pytest.mark.parametrize("policy,sketch", [*((p, "int8") for p in EXACT), ("certified", "int4")])
+@pytest.mark.parametrize("scale", [-1.0, -0.25, 0.0])
+def test_non_positive_scale_is_exact(policy: str, sketch: str, scale: float) -> None:
+    """A direct op call may pass any scale; the certified bounds use |scale| (the pass only rewrites > 0)."""
+    q, k, v = qkv(s=64)
+    out = OP(q, k, v, None, scale, 1.5, 0, cfg(policy, sketch=sketch))
+    torch.testing.assert_close(out, dense_decode(q, k, v, scale=scale, alpha=1.5), atol=1e-5, rtol=1e-5)
+
+
+def test_kernels_refuse_a_non_positive_scale() -> None:
+    from entmaxkv_compile.ops.cuda import unsupported_reason
+
+    q, k, v = qkv()
+    for scale in (-0.25, 0.0, math.inf):
+        assert "positive finite scale" in unsupported_reason(q, k, v, None, scale, EntmaxKVConfig())
+
+
 def test_wrong_rank_raises() -> None:
     q, k, v = qkv()
     with pytest.raises(ValueError, match="4-D"):

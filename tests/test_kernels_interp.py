@@ -156,7 +156,8 @@ def _two_level_residual(x: Tensor) -> Tensor:
 
 
 @pytest.mark.parametrize("sketch,group", [("int8", 64), ("int4", 32), ("int8", 16), ("int4", 16)])
-def test_sketch_bounds_contain_the_exact_scores(sketch, group):
+@pytest.mark.parametrize("qmag", [1.0, 1e-25])  # tiny queries: Σq² underflows unless the norm is scaled
+def test_sketch_bounds_contain_the_exact_scores(sketch, group, qmag):
     """Keys the sketch holds exactly (no residual beyond the fp32 allowance), so the bound must carry all
     the rest of the kernel's error: the query's int8 rounding on the one-step-per-row path. Half the keys
     are worst cases for it (``±qmax`` with the sign of the first row's rounding residual), which the
@@ -165,6 +166,7 @@ def test_sketch_bounds_contain_the_exact_scores(sketch, group):
     gen = torch.Generator().manual_seed(3)
     q = 0.1 * torch.randn(1, hkv * g, 1, d, generator=gen)
     q[..., 5] = 10.0
+    q *= qmag
     codes = torch.randint(-qmax, qmax + 1, (1, hkv, s, d), generator=gen)
     for h in range(hkv):
         codes[0, h, ::2] = qmax * torch.sign(_two_level_residual(q[0, h * g, 0])).long()
@@ -196,8 +198,7 @@ def test_sketch_bounds_contain_the_exact_scores(sketch, group):
             .double()
         )
         want = exact[kvh * g : (kvh + 1) * g][:, pos]
-        tol = 1e-6 * want.abs() + 1e-12
-        assert (z[0] <= want + tol).all() and (z[1] >= want - tol).all()
+        assert (z[0] <= want).all() and (z[1] >= want).all()  # strictly: the bound covers fp32 rounding
         seen += n
     assert seen == plan.bh * s
 

@@ -134,13 +134,14 @@ def score_kernel(
             d = tl.arange(0, D)
         else:
             qf = load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D).to(tl.float32)
-            emul = zmul * tl.sqrt(tl.sum(qf * qf, axis=1))  # (α−1)·scale·‖q‖₂ per row
+            amax = tl.max(tl.abs(qf), axis=1)
+            qs = qf / tl.where(amax > 0, amax, 1.0)[:, None]  # ‖q‖₂ = max|q|·‖q/max|q|‖₂: no under/overflow
+            emul = zmul * amax * tl.sqrt(tl.sum(qs * qs, axis=1))  # (α−1)·scale·‖q‖₂ per row
             W: tl.constexpr = D if SRC == 1 else D // 2
             NGT: tl.constexpr = D // GS
             if SRC == 1 and W == GS:  # one step per row: int8 dots on the codes as loaded
                 # q = s1·c1 + s2·c2 + e with int8 c1, c2; |e·k̂| ≤ ‖e‖₁·127·step joins the bound, plus a
                 # slack (D·max|q|·2⁻²⁰) covering the fp32 rounding of e and of the combination.
-                amax = tl.max(tl.abs(qf), axis=1)
                 s1 = _qstep(amax)
                 c1, e = _qcode(qf, s1)
                 s2 = _qstep(tl.max(tl.abs(e), axis=1))

@@ -23,6 +23,7 @@ logged once.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,9 +68,11 @@ def _skip(reason: str) -> None:
 
 
 def unsupported_reason(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, config: EntmaxKVConfig
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, config: EntmaxKVConfig
 ) -> str | None:
     """Why the CUDA kernels cannot run this call, or ``None`` if they can."""
+    if not 0.0 < scale < math.inf:  # the kernels' bounds and page scores assume scores grow with q·k
+        return f"scale {scale}: the kernels need a positive finite scale"
     if config.policy == "adaptive":
         return "policy 'adaptive' has no GPU kernels yet"
     if not (q.is_cuda and k.device == q.device and v.device == q.device):
@@ -158,7 +161,7 @@ def decode_cuda(
     config: EntmaxKVConfig,
 ) -> Tensor | None:
     """One decode step on the GPU under ``config.policy``, or ``None`` when unsupported (reason logged)."""
-    reason = unsupported_reason(q, k, v, bias, config)
+    reason = unsupported_reason(q, k, v, bias, scale, config)
     if reason is not None:
         _skip(reason)
         return None

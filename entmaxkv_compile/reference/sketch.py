@@ -63,7 +63,7 @@ def sketch_score_bounds(q: Tensor, sketch: KeySketch, scale: float) -> tuple[Ten
     """Sketch scores ``ŝ = scale·q·k̂`` and error bounds ``ε``, each ``[B, Hq, Lq, S]`` fp32 (GQA: ``h // G``).
 
     ``|s − ŝ| ≤ ε`` holds for the exact score ``s = scale·q·k`` and also for the scores as computed in fp32:
-    ``ε = scale·‖q‖₂·(r + γ·(2‖k̂‖₂ + r))`` with ``γ = 2·(D+2)·2⁻²⁴``. The ``γ`` term absorbs the rounding
+    ``ε = |scale|·‖q‖₂·(r + γ·(2‖k̂‖₂ + r))`` with ``γ = 2·(D+2)·2⁻²⁴``. The ``γ`` term absorbs the rounding
     of the two fp32 dot products (each within ``γ_D·‖q‖₂·‖x‖₂`` of exact, and ``‖k‖₂ ≤ ‖k̂‖₂ + r``), of
     the scale product and of the norms themselves; without it a key that the sketch stores exactly
     (``r = 0``) would get ``ε = 0`` while ``fl(q·k)`` and ``fl(q·k̂)`` may still differ in the last bits.
@@ -75,6 +75,7 @@ def sketch_score_bounds(q: Tensor, sketch: KeySketch, scale: float) -> tuple[Ten
     gamma = 2.0 * (d + 2) * FP32_UNIT_ROUNDOFF
     r = sketch.residual
     err = r + gamma * (2.0 * torch.linalg.vector_norm(sketch.k_hat, dim=-1) + r)  # [B, Hkv, S]
-    qn = torch.linalg.vector_norm(qf, dim=-1, keepdim=True)  # [B, Hkv, G·Lq, 1]
-    eps = (scale * qn * err[:, :, None, :]).reshape(b, hq, lq, s)
+    qmax = qf.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    qn = qmax * torch.linalg.vector_norm(qf / qmax, dim=-1, keepdim=True)  # [B, Hkv, G·Lq, 1], no underflow
+    eps = (abs(scale) * qn * err[:, :, None, :]).reshape(b, hq, lq, s)
     return s_hat, eps
