@@ -111,8 +111,8 @@ def make_plan(
     block_n: int | None = None,
 ) -> Plan:
     """Plan for ``q[B,Hq,Lq,D]``, ``k[B,Hkv,S,D]`` under ``config``; ``n_programs``: how many programs fill
-    the GPU (the scoring grid never exceeds it); ``block_n``: tokens per scoring tile, exact or sketch
-    (default by head dim)."""
+    the GPU (the scoring grid never exceeds it); ``block_n``: tokens per exact scoring tile (default by head
+    dim; int8 sketch tiles are ``Plan.block_sk``)."""
     b, hq, lq, d = q_shape
     hkv, s = k_shape[1], k_shape[2]
     bh = b * hkv

@@ -414,7 +414,8 @@ def match(
         raise Unsupported(f"score scale {scale:g} is not a positive number")
     d = numel([p[0] for p in d_pairs])
     if config.policy == "certified" and not (isinstance(d, int) and d % config.group_size(d) == 0):
-        raise Unsupported(f"head dim {d} is not a multiple of sketch_group={config.sketch_group} (certified)")
+        group = config.group_size(d)
+        raise Unsupported(f"head dim {d} is not a multiple of sketch_group={group} (certified)")
     _check_tensors(q, k, v, d, numel(dv))
     _check_no_mutation_between(m1, m2, (q, k, v))
     alpha = 1.0 if alpha is None else alpha

@@ -24,7 +24,7 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 POLICIES = {
     "dense": dict(policy="dense"),
     "certified-int8": dict(policy="certified", sketch="int8"),
-    "certified-int8-row": dict(policy="certified", sketch="int8", sketch_group=256),  # one step per key row
+    "certified-int8-g32": dict(policy="certified", sketch="int8", sketch_group=32),  # grouped steps
     "certified-int4": dict(policy="certified", sketch="int4", candidate_fraction=0.5),
     "topk": dict(policy="topk", budget_pages=8),
 }
