@@ -193,6 +193,7 @@ def _bench_case(
     from tqdm import tqdm
 
     from ..config import EntmaxKVConfig
+    from ..kernels.launch import make_plan
     from ..ops import cuda as ops_cuda
 
     records: list[dict] = []
@@ -230,6 +231,11 @@ def _bench_case(
         site = 100 * VARIANT_SITES[config.policy, config.sketch] + (config.sketch_group or 0).bit_length()
         return site, lambda: ops_cuda.decode_site(q, k, v, bias, scale, ALPHA, site, config, n_programs)
 
+    def metadata(config: EntmaxKVConfig) -> tuple[int, int]:
+        """(sketch channel group as the kernels run it, metadata bytes one step reads)."""
+        plan = make_plan(tuple(q.shape), tuple(k.shape), d, config, n_programs)
+        return plan.gs, round(b * hkv * s * plan.metadata_bytes_per_token(esize))
+
     def group_stats(site: int) -> tuple[float, float, list]:
         st = ops_cuda.site_stats(site)
         sup = st["support"].view(b * hkv, -1).amax(-1).sum().item()
@@ -257,8 +263,7 @@ def _bench_case(
         site, fn = ours(cfg)
         out = fn().clone()
         cand, sup, modes = group_stats(site)
-        gs = max(16, min(cfg.group_size(d), d if sk == "int8" else d // 2))  # as the kernels clamp it
-        meta = b * hkv * s * ((d if sk == "int8" else d // 2) + 2 * (d // gs) + 4)
+        gs, meta = metadata(cfg)
         name = f"certified-{sk}" + ("" if group is None else f"-g{gs}")
         record(
             name, fn, meta + cand * d * esize + sup * d * esize + b * s * 4, out, dense_out,
@@ -273,7 +278,7 @@ def _bench_case(
         fn()
         _, sup, modes = group_stats(site)
         sel = cfg.budget_pages + cfg.sink_pages + cfg.recent_pages
-        meta = b * hkv * n_pages * 2 * d * esize
+        meta = metadata(cfg)[1]
         record(
             f"topk-1/{div}", fn, meta + b * hkv * sel * 16 * d * esize + sup * d * esize + b * s * 4,
             pages_frac=sel / n_pages, support=sup, modes=modes, metadata_bytes=meta,

@@ -92,6 +92,14 @@ class Plan:
     def rp(self) -> int:
         return max(16, _p2(self.r))
 
+    def metadata_bytes_per_token(self, key_bytes: int) -> float:
+        """Metadata read per cached token and KV group by one step (sketch or page boxes)."""
+        if self.sk:
+            return (self.d if self.sk == 1 else self.d // 2) + 2 * (self.d // self.gs) + 4
+        if self.policy == "topk":
+            return 2 * self.d * key_bytes / self.ps
+        return 0.0
+
     @property
     def block_sk(self) -> int:
         """Tokens per sketch tile: int8 tiles twice the exact ones up to head dim 128 (faster on the H200)."""
@@ -212,14 +220,6 @@ class SiteBuffers:
         if p.policy == "topk":
             self.kmin = torch.empty(p.bh * p.n_pages * p.d, dtype=key_dtype, device=dev)
             self.kmax = torch.empty(p.bh * p.n_pages * p.d, dtype=key_dtype, device=dev)
-
-    def metadata_bytes_per_token(self, plan: Plan, key_bytes: int) -> float:
-        """Metadata read per cached token and KV group by one step (sketch or page boxes)."""
-        if plan.sk:
-            return (plan.d if plan.sk == 1 else plan.d // 2) + 2 * (plan.d // plan.gs) + 4
-        if plan.policy == "topk":
-            return 2 * plan.d * key_bytes / plan.ps
-        return 0.0
 
 
 def _bias_args(bias: Tensor | None, q: Tensor) -> tuple[Tensor, tuple[int, int, int, int], int]:
