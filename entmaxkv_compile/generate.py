@@ -158,7 +158,7 @@ def reference_entmax_attention(
     the op's arithmetic, the fair token reference for ``backend="entmaxkv"``. In fp32 models the two
     functions do the same arithmetic up to summation order.
     """
-    a = alpha if alpha is not None else getattr(module.config, "entmax_alpha", 1.5)
+    a = hf.site_alpha(module, alpha)
     bias = attention_mask
     if bias is not None and bias.dtype == torch.bool:
         bias = torch.zeros(bias.shape, device=bias.device).masked_fill(~bias, float("-inf"))

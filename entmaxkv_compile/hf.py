@@ -32,6 +32,11 @@ from .ops import entmax_op  # noqa: F401  (defines torch.ops.entmaxkv.entmax)
 ALPHAS: dict[str, float | None] = {"entmax15": 1.5, "sparsemax": 2.0, "entmax": None}
 
 
+def site_alpha(module: torch.nn.Module, alpha: float | None) -> float:
+    """The α of an attention call: the registered name's, else ``config.entmax_alpha`` (default 1.5)."""
+    return alpha if alpha is not None else getattr(module.config, "entmax_alpha", 1.5)
+
+
 def entmax_attention(
     module: torch.nn.Module,
     query: Tensor,
@@ -48,7 +53,7 @@ def entmax_attention(
 
     Returns ``(out[B,L,Hq,Dv], None)`` as transformers expects (attention weights are not returned).
     """
-    a = alpha if alpha is not None else getattr(module.config, "entmax_alpha", 1.5)
+    a = site_alpha(module, alpha)
     b, hq, length, d = query.shape
     hkv = key.shape[1]
     scale = scaling if scaling is not None else d**-0.5
