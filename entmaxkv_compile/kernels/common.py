@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 NEG_INF = tl.constexpr(float("-inf"))
+SOLVE_SMALL = tl.constexpr(512)  # lists up to this long are solved on a small register block
 
 
 @triton.jit
@@ -119,10 +120,29 @@ def bracket_start(hist, zmax, beta, MODE: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
+def _add2(a, b, c, d):
+    return a + c, b + d
+
+
+@triton.jit
 def _newton(tau, f, g):
     """One Newton step on ``f(τ) = Σ[z − τ]_+^β`` towards 1 (``g = −f′``); also whether it moved."""
     step = (f - 1.0) / tl.maximum(g, 1e-30)
     return tau + tl.maximum(step, 0.0), step > 1e-7 * tl.maximum(tl.abs(tau), 1.0)
+
+
+@triton.jit
+def _newton_regs(z_ptr, n, tau, go, beta, MODE: tl.constexpr, N: tl.constexpr, MAXIT: tl.constexpr):
+    """Newton from ``tau`` on ``z_ptr[0:n]`` (``n ≤ N``) held in registers; one reduction per step."""
+    o = tl.arange(0, N)
+    zr = tl.load(z_ptr + o, mask=o < n, other=NEG_INF)
+    it = tl.full([], 0, tl.int32)
+    while (it < MAXIT) & go:
+        x = tl.maximum(zr - tau, 0.0)
+        f, g = tl.reduce((pow_beta(x, beta, MODE), dpow_beta(x, beta, MODE)), 0, _add2)
+        tau, go = _newton(tau, f, g)
+        it += 1
+    return tau
 
 
 @triton.jit
@@ -133,24 +153,22 @@ def solve_tau(z_ptr, n, zmax, tau0, beta, MODE: tl.constexpr, BLOCK: tl.constexp
     decreasing in τ, so the iterates rise monotonically to the root without overshooting; α = 2 ends
     exactly once the support is found. Rows with no finite entry get τ = 0.
     """
-    tau = tau0
-    it = tl.full([], 0, tl.int32)
     go = zmax > NEG_INF
-    if n <= BLOCK:  # the common case: the list stays in registers across iterations
-        o = tl.arange(0, BLOCK)
-        zr = tl.load(z_ptr + o, mask=o < n, other=NEG_INF)
+    if n <= SOLVE_SMALL:  # the usual support: a short list, few registers
+        tau = _newton_regs(z_ptr, n, tau0, go, beta, MODE, SOLVE_SMALL, MAXIT)
+    elif n <= BLOCK:  # the list stays in registers across iterations
+        tau = _newton_regs(z_ptr, n, tau0, go, beta, MODE, BLOCK, MAXIT)
+    else:
+        tau = tau0
+        it = tl.full([], 0, tl.int32)
         while (it < MAXIT) & go:
-            x = tl.maximum(zr - tau, 0.0)
-            tau, go = _newton(tau, tl.sum(pow_beta(x, beta, MODE)), tl.sum(dpow_beta(x, beta, MODE)))
+            fv = tl.zeros([BLOCK], tl.float32)
+            gv = tl.zeros([BLOCK], tl.float32)
+            for s0 in range(0, n, BLOCK):
+                o = s0 + tl.arange(0, BLOCK)
+                x = tl.maximum(tl.load(z_ptr + o, mask=o < n, other=NEG_INF) - tau, 0.0)
+                fv += pow_beta(x, beta, MODE)
+                gv += dpow_beta(x, beta, MODE)
+            tau, go = _newton(tau, tl.sum(fv), tl.sum(gv))
             it += 1
-    while (it < MAXIT) & go:
-        fv = tl.zeros([BLOCK], tl.float32)
-        gv = tl.zeros([BLOCK], tl.float32)
-        for s0 in range(0, n, BLOCK):
-            o = s0 + tl.arange(0, BLOCK)
-            x = tl.maximum(tl.load(z_ptr + o, mask=o < n, other=NEG_INF) - tau, 0.0)
-            fv += pow_beta(x, beta, MODE)
-            gv += dpow_beta(x, beta, MODE)
-        tau, go = _newton(tau, tl.sum(fv), tl.sum(gv))
-        it += 1
     return tl.where(zmax > NEG_INF, tau, 0.0)

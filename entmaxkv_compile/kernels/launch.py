@@ -37,10 +37,14 @@ SELECT_BLOCK = 1024
 NO_CAP = 2**31 - 1
 SKETCH_BITS = {"int8": 8, "int4": 4}
 PROBES = 8  # key rows per KV group re-read every step, so a rewritten cache (new sequence) is seen
-# Scoring passes run 4 warps capped at 168 registers (no spills on sm_90 under triton 3.6 for 16-bit keys and
-# groups of ≤ 16 rows): 3 programs per SM, so a grid of 3·SMs programs is one wave (ops/cuda.py's
-# PROGRAMS_PER_SM). fp32 keys and larger groups would spill under the cap and run uncapped.
-SCORE_MAXNREG = 168
+# Scoring passes run 4 warps capped at 128 registers (no spills on sm_90 under triton 3.6 for 16-bit keys,
+# groups of ≤ 16 rows, head dim 64–256, every sketch): 4 programs per SM, so a grid of 4·SMs programs is one
+# wave (ops/cuda.py's PROGRAMS_PER_SM). fp32 keys and larger groups would spill under the cap: run uncapped.
+SCORE_MAXNREG = 128
+# Tiles between exchanges of the running maxima (score_kernel's SYNC): sketch passes exchange more often, as a
+# late maximum lets their looser bounds overflow the segments (int4, 128K: 7 of 8 groups went dense at 8).
+SYNC_EXACT = 8
+SYNC_SKETCH = 4
 
 
 def _p2(n: int) -> int:
@@ -101,11 +105,6 @@ class Plan:
         return 0.0
 
     @property
-    def block_sk(self) -> int:
-        """Tokens per sketch tile: int8 tiles twice the exact ones up to head dim 128 (faster on the H200)."""
-        return 2 * self.block_n if self.sk == 1 and self.d <= 128 else self.block_n
-
-    @property
     def cap2(self) -> int:
         return max(self.nsplit * self.segcap, self.nsplit_t * self.segcap_t)
 
@@ -126,12 +125,16 @@ def make_plan(
     bh = b * hkv
     bn = block_n or (64 if d <= 128 else 32)
     nsplit = max(1, min(n_programs // bh, _cdiv(s, bn)))  # at most one wave: no straggler wave
+    # The solve scans the segments in [p2(nsplit), ·] chunks: round down to a power of two where that costs
+    # at most 1/8 of the wave (66 segments would scan like 128; measured at 1M: solve 37 → 23 µs).
+    p2 = 1 << (nsplit.bit_length() - 1)
+    nsplit = p2 if 8 * p2 >= 7 * nsplit else nsplit
     split_len = _cdiv(_cdiv(s, nsplit), bn) * bn
     nsplit = _cdiv(s, split_len)
     capc = max(config.min_candidates, math.ceil(config.candidate_fraction * s))
     segcap = min(split_len, _cdiv(max(4 * bn, _cdiv(2 * capc, nsplit)), bn) * bn)
     r = (hq // hkv) * lq
-    nso = max(1, min(64, _cdiv(n_programs, bh * r)))
+    nso = max(1, min(64, _cdiv(3 * n_programs // 4, bh * r)))  # 3/4 of a wave: fewer partials to combine
     policy = config.policy
     sk = SKETCH_BITS[config.sketch] if policy == "certified" else 0
     sk = {0: 0, 8: 1, 4: 2}[sk]
@@ -260,9 +263,10 @@ class Step:
         return dict(HAS_BIAS=self.has_bias, BIAS_ROWS=self.bias_rows)
 
 
-def _score_launch(st: Step) -> dict:
+def _score_launch(st: Step, sk: int) -> dict:
     capped = not (INTERPRET or st.f32) and st.p.rp <= 16
-    return {"num_warps": 4, "maxnreg": SCORE_MAXNREG} if capped else {"num_warps": 4}
+    launch = {"num_warps": 4, "SYNC": SYNC_SKETCH if sk else SYNC_EXACT}
+    return {**launch, "maxnreg": SCORE_MAXNREG} if capped else launch
 
 
 def _score(
@@ -280,8 +284,8 @@ def _score(
     score_kernel[(p.bh, p.nsplit)](
         q, st.k, st.bias, *meta, sc.seg_idx, sc.seg_z, sc.seg_cnt, sc.seg_max, last, sc.gmax, sc.ws,
         sc.mode, vend, *st.qkb(), p.hkv, p.s, p.s, p.split_len, p.segcap, st.zmul, st.bmul, want_mode,
-        D=p.d, BLOCK_N=p.block_sk if sk else p.block_n, SRC=sk, GS=p.gs, KEEP=not ws, WRITE_WS=ws, F32=st.f32,
-        **st.common(), **st.bias_flags(), **_score_launch(st),
+        D=p.d, BLOCK_N=p.block_n, SRC=sk, GS=p.gs, KEEP=not ws, WRITE_WS=ws, F32=st.f32,
+        **st.common(), **st.bias_flags(), **_score_launch(st, sk),
     )  # fmt: skip
 
 

@@ -111,7 +111,7 @@ def score_kernel(
     KEEP: tl.constexpr,
     WRITE_WS: tl.constexpr,
     F32: tl.constexpr,
-    SYNC: tl.constexpr = 8,
+    SYNC: tl.constexpr,
 ):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -158,16 +158,13 @@ def score_kernel(
         if SRC != 0:  # no valid position at or past vend (append semantics, kept by update_kernel)
             end = tl.minimum(end, tl.load(vend_ptr + bh))
         runmax = tl.full([RP], NEG_INF, tl.float32)
+        lastv = tl.zeros([BLOCK_N], tl.int32)  # per tile column: reduced once, at the end
         known = tl.full([RP], NEG_INF, tl.float32)
         pending = tl.full([RP], NEG_INF, tl.float32)
         it = tl.full([], 0, tl.int32)
         cnt = tl.full([], 0, tl.int32)
-        last = tl.full([], 0, tl.int32)
         nxt = start + tl.arange(0, BLOCK_N)
         bias_nxt = load_bias(bias_base, hq, qp, rmask, nxt, nxt < end, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
-        if SRC == 2:
-            tile = _sketch_tile(code_base, scale_base, res_base, nxt, nxt < end, W, NGT)
-            codes_nxt, steps_nxt, res_nxt = tile
         for n0 in range(start, end, BLOCK_N):
             # The bias is loaded a tile ahead, so no key load waits on another load; exact key rows wait on
             # this tile's bias (masked rows are never read), sketch tiles are masked by range only. int4
@@ -176,7 +173,7 @@ def score_kernel(
             pos = n0 + tl.arange(0, BLOCK_N)
             inr = pos < end
             bias = bias_nxt
-            tokv = tl.max(bias, axis=0) > NEG_INF
+            tokv = tl.max(bias, axis=0) > NEG_INF if HAS_BIAS else inr
             nxt = pos + BLOCK_N
             bias_nxt = load_bias(bias_base, hq, qp, rmask, nxt, nxt < end, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
             if SRC == 0:
@@ -186,13 +183,8 @@ def score_kernel(
                 zlo = mm(qc, tl.trans(cvt(kt, F32)), F32) * zmul + bias * bmul
                 zhi = zlo
             else:
-                if SRC == 1:
-                    codes, steps, res = _sketch_tile(code_base, scale_base, res_base, pos, inr, W, NGT)
-                else:
-                    codes, steps, res = codes_nxt, steps_nxt, res_nxt
-                    codes_nxt, steps_nxt, res_nxt = _sketch_tile(
-                        code_base, scale_base, res_base, nxt, nxt < end, W, NGT
-                    )
+                codes, steps, res = _sketch_tile(code_base, scale_base, res_base, pos, inr, W, NGT)
+                if SRC == 2:
                     packed = codes.to(tl.int32)
                     clo = (packed & 15) - 8
                     chi = (packed >> 4) - 8
@@ -217,14 +209,18 @@ def score_kernel(
                     qk += mm(qc_hi, tl.trans(cvt_key(khi, k_ptr, F32)), F32)
                 live = bias > NEG_INF  # the sketch of a masked position may be anything, even NaN
                 zc = qk * zmul + bias * bmul
-                eps = emul[:, None] * res[None, :]
                 if SRC == 1 and W == GS:
-                    eps += qeps
-                zlo = tl.where(live, zc - eps, NEG_INF)
-                zhi = tl.where(live, zc + eps, NEG_INF)
-            tmax = tl.max(zlo, axis=1)
-            runmax = tl.maximum(runmax, tmax)
-            last = tl.maximum(last, tl.max(tl.where(tokv, pos + 1, 0)))
+                    zc_lo = zc - qeps
+                    zc_hi = zc + qeps
+                else:
+                    zc_lo = zc
+                    zc_hi = zc
+                # fma onto the dot's tile: the residual term is formed in the dot's layout (a separate product
+                # would be formed in the loads' layout and the whole tile converted through shared memory)
+                zlo = tl.where(live, tl.fma(-emul[:, None], res[None, :], zc_lo), NEG_INF)
+                zhi = tl.where(live, tl.fma(emul[:, None], res[None, :], zc_hi), NEG_INF)
+            runmax = tl.maximum(runmax, tl.max(zlo, axis=1))
+            lastv = tl.maximum(lastv, tl.where(tokv, pos + 1, 0))
             if KEEP:
                 known = tl.maximum(known, pending)  # the previous exchange's answer, one tile late
                 if it % SYNC == 0:
@@ -232,10 +228,9 @@ def score_kernel(
                     pending = tl.where(rmask, old, NEG_INF)
                 thr = tl.maximum(known, runmax) - 1.0
                 keep = tl.sum((zhi > thr[:, None]).to(tl.int32), axis=0) > 0
-                ki = keep.to(tl.int32)
-                nk = tl.sum(ki)
+                nk = tl.sum(keep.to(tl.int32))
                 if nk > 0:
-                    slot = cnt + tl.cumsum(ki, 0) - 1
+                    slot = cnt + tl.cumsum(keep.to(tl.int32), 0) - 1
                     ok = keep & (slot < segcap)
                     tl.store(idx_base + slot, pos, mask=ok)
                     zptr = zlo_base + r[:, None] * segcap + slot[None, :]
@@ -249,7 +244,7 @@ def score_kernel(
                 tl.store(wptr, zlo, mask=rmask[:, None] & inr[None, :])
         tl.store(seg_cnt_ptr + seg, cnt)
         tl.store(seg_max_ptr + seg * RP + r, runmax)
-        tl.store(last_ptr + seg, last)
+        tl.store(last_ptr + seg, tl.max(lastv))
 
 
 @triton.jit
