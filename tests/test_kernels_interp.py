@@ -17,6 +17,7 @@ pytest.importorskip("numpy", reason="the Triton interpreter needs numpy")
 pytest.importorskip("triton", reason="Triton is not installed")
 
 from entmaxkv_compile.config import EntmaxKVConfig  # noqa: E402
+from entmaxkv_compile.kernels import launch  # noqa: E402
 from entmaxkv_compile.kernels.launch import (  # noqa: E402
     INTERPRET,
     Scratch,
@@ -96,7 +97,10 @@ def test_dense_matches_reference(shape, alpha, dtype, bias_kind):
     assert site.mode.tolist() == [1] * (b * hkv)
 
 
-def test_dense_support_sizes_and_workspace_fallback():
+@pytest.mark.parametrize("inline", [True, False])
+def test_dense_support_sizes_and_workspace_fallback(inline, monkeypatch):
+    # inline: the scoring pass writes the workspace and the solve uses it at once (caches ≤ WS_INLINE_MAX)
+    monkeypatch.setattr(launch, "WS_INLINE_MAX", 1 << 40 if inline else 0)
     q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.float32, peaky=False)
     q[:, :2] = 0.0  # KV head 0: every score equal, all 256 tokens in the support
     out, site, _ = _run("dense", q, k, v, None, 1.5, n_programs=2, min_candidates=8, candidate_fraction=0.01)

@@ -8,7 +8,8 @@ row maximum) can be in the support, so the program first compacts those into the
 longer than one block first drops its entries ``≤ τ₀`` (never in the support), so Newton usually iterates
 on registers. The output kernel reads the same list. A group whose segments overflowed (count >
 ``segcap``), whose total count exceeds ``capc`` or whose valid length (from the scoring pass's ``last``
-positions) is below ``min_ctx`` is switched to ``ovf_mode`` instead (every row reaches the same verdict).
+positions) is below ``min_ctx`` is switched to ``ovf_mode`` instead (every row reaches the same verdict);
+with ``WS_INLINE`` (the scoring pass also wrote the dense workspace) it is solved from the workspace at once.
 """
 
 from __future__ import annotations
@@ -73,10 +74,15 @@ def solve_kernel(
     MODE: tl.constexpr,
     MAXIT: tl.constexpr,
     NL_P2: tl.constexpr,
+    WS_INLINE: tl.constexpr,
 ):
     bh = tl.program_id(0)
     r = tl.program_id(1)
-    if tl.load(mode_ptr + bh) == want_mode:
+    m = tl.load(mode_ptr + bh)
+    mine = m == want_mode
+    if WS_INLINE:  # a row's program may find its group already switched by a sibling row's (same verdict)
+        mine = mine | (m == ovf_mode)
+    if mine:
         bh64 = bh.to(tl.int64)
         segs = tl.arange(0, NSEG_P2)
         smask = segs < nseg
@@ -93,6 +99,9 @@ def solve_kernel(
             length = tl.max(tl.load(last_ptr + bh64 * nlast + li, mask=li < nlast, other=0))
             if (tl.max(cnts) > segcap) | (total > capc) | (length < min_ctx):
                 tl.store(mode_ptr + bh, ovf_mode)
+                if WS_INLINE:
+                    tau = solve_tau(ws_ptr + row * S, S, zmax, zmax - 1.0, beta, MODE, BLOCK, MAXIT)
+                    tl.store(tau_ptr + bh64 * RP + r, tau)
             else:
                 if COUNT_CAND and r == 0:
                     tl.store(cand_ptr + bh, total)

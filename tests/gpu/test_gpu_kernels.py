@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from entmaxkv_compile.config import EntmaxKVConfig
+from entmaxkv_compile.kernels import launch
 from entmaxkv_compile.ops import cuda as ops_cuda
 from entmaxkv_compile.reference.decode import decode_attention, dense_decode
 
@@ -92,6 +93,22 @@ def test_matrix_matches_reference(dtype, shape, policy, alpha):
     # path in one call and not in the other (seen with 16 heads per KV head at α = 1.3).
     out2 = ops_cuda.decode_site(q, k, v, bias, scale, alpha, site, cfg, 528)
     assert _err(out2, out) < TOL[dt] / 4
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_workspace_fallback(inline, monkeypatch):
+    """A flat head overflows its segments and is decoded from the dense workspace: written by the first
+    scoring pass and solved in the same launch (``inline``, short caches), or by the two extra launches."""
+    monkeypatch.setattr(launch, "WS_INLINE_MAX", 1 << 40 if inline else 0)
+    b, hq, hkv, s, d = 1, 8, 2, 4096, 128
+    q, k, v, bias = _case(b, hq, hkv, 1, s, d, torch.bfloat16, seed=5)
+    q[:, :4] = 0  # KV head 0: equal scores, the whole cache in the support
+    cfg = EntmaxKVConfig(policy="dense", min_candidates=8, candidate_fraction=0.01)
+    site = next(SITE)
+    out = ops_cuda.decode_site(q, k, v, bias, d**-0.5, 1.5, site, cfg, 8)  # 4 splits: segments of 256
+    ref = dense_decode(q, k, v, scale=d**-0.5, alpha=1.5, bias=bias)
+    assert _err(out, ref) < TOL[torch.bfloat16]
+    assert ops_cuda.site_stats(site)["mode"][0].item() == 2  # the flat head went through the workspace
 
 
 @pytest.mark.parametrize("policy", ["certified-int8", "certified-int4", "topk", "dense"])
