@@ -54,13 +54,12 @@ def _idot(c1, c2, s1, s2, codes):
 
 
 @triton.jit
-def _sketch_tile(code_base, scale_base, res_base, pos, pm, W: tl.constexpr, NGT: tl.constexpr):
-    """One tile's codes ``[N, W]``, fp16 steps ``[N, D/GS]`` and residuals ``[N]`` (0 where ``~pm``)."""
+def _sketch_meta(scale_base, res_base, pos, pm, NGT: tl.constexpr):
+    """One tile's fp16 steps ``[N, D/GS]`` and residuals ``[N]`` (0 where ``~pm``)."""
     p64 = pos.to(tl.int64)
-    codes = tl.load(code_base + p64[:, None] * W + tl.arange(0, W)[None, :], mask=pm[:, None], other=0)
     g = tl.arange(0, NGT)
     steps = tl.load(scale_base + p64[:, None] * NGT + g[None, :], mask=pm[:, None], other=0.0)
-    return codes, steps, tl.load(res_base + p64, mask=pm, other=0.0)
+    return steps, tl.load(res_base + p64, mask=pm, other=0.0)
 
 
 @triton.jit
@@ -165,11 +164,13 @@ def score_kernel(
         cnt = tl.full([], 0, tl.int32)
         nxt = start + tl.arange(0, BLOCK_N)
         bias_nxt = load_bias(bias_base, hq, qp, rmask, nxt, nxt < end, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
+        if SRC != 0:
+            steps_nxt, res_nxt = _sketch_meta(scale_base, res_base, nxt, nxt < end, NGT)
         for n0 in range(start, end, BLOCK_N):
-            # The bias is loaded a tile ahead, so no key load waits on another load; exact key rows wait on
-            # this tile's bias (masked rows are never read), sketch tiles are masked by range only. int4
-            # tiles are loaded a further tile ahead (faster on the H200; int8 tiles, which spill registers at
-            # the cap doing so, were slower).
+            # Key and code tiles are pipelined by Triton (async copies through shared memory). The bias and
+            # a sketch's steps and residuals — loads too narrow for async copies — are loaded a tile ahead by
+            # hand, so no tile waits on them; exact key rows wait on their tile's bias (masked rows are never
+            # read), sketch tiles are masked by range only.
             pos = n0 + tl.arange(0, BLOCK_N)
             inr = pos < end
             bias = bias_nxt
@@ -183,7 +184,12 @@ def score_kernel(
                 zlo = mm(qc, tl.trans(cvt(kt, F32)), F32) * zmul + bias * bmul
                 zhi = zlo
             else:
-                codes, steps, res = _sketch_tile(code_base, scale_base, res_base, pos, inr, W, NGT)
+                steps, res = steps_nxt, res_nxt
+                steps_nxt, res_nxt = _sketch_meta(scale_base, res_base, nxt, nxt < end, NGT)
+                p64 = pos.to(tl.int64)
+                codes = tl.load(
+                    code_base + p64[:, None] * W + tl.arange(0, W)[None, :], mask=inr[:, None], other=0
+                )
                 if SRC == 2:
                     packed = codes.to(tl.int32)
                     clo = (packed & 15) - 8
