@@ -46,6 +46,16 @@ def _qstep(amax):
 
 
 @triton.jit
+def _qlevels(qf, amax):
+    """Two int8 levels of the query rows ``qf`` (``amax = max|qf|`` per row): ``qf = s1·c1 + s2·c2 + e``."""
+    s1 = _qstep(amax)
+    c1, e = _qcode(qf, s1)
+    s2 = _qstep(tl.max(tl.abs(e), axis=1))
+    c2, e = _qcode(e, s2)
+    return s1, c1, s2, c2, e
+
+
+@triton.jit
 def _idot(c1, c2, s1, s2, codes):
     """``(s1·c1 + s2·c2) · codesᵀ`` ``[RP, N]`` (fp32) from two exact int8 tensor-core products."""
     a1 = tl.dot(c1, tl.trans(codes), out_dtype=tl.int32).to(tl.float32)
@@ -121,7 +131,11 @@ def score_kernel(
         b = bh // Hkv
         kvh = bh % Hkv
         bh64 = bh.to(tl.int64)
-        r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RP)
+        # One step per int8 row and at most RP/2 rows: both int8 query levels share one dot (level 1 in rows
+        # [0, RS), level 2 in rows [RS, RP), summed in registers) and the bounds are formed on RS rows.
+        PACK: tl.constexpr = SRC == 1 and D == GS and 2 * R <= RP
+        RS: tl.constexpr = RP // 2 if PACK else RP
+        r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RS)
         bias_base = bias_ptr + b.to(tl.int64) * sbb
         if SRC == 2:  # int4: channel j in the low nibble of byte j, channel j + D/2 in the high one
             qc = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D // 2), F32)
@@ -141,11 +155,16 @@ def score_kernel(
             if SRC == 1 and W == GS:  # one step per row: int8 dots on the codes as loaded
                 # q = s1·c1 + s2·c2 + e with int8 c1, c2; |e·k̂| ≤ ‖e‖₁·127·step joins the bound, plus a
                 # slack (D·max|q|·2⁻²⁰) covering the fp32 rounding of e and of the combination.
-                s1 = _qstep(amax)
-                c1, e = _qcode(qf, s1)
-                s2 = _qstep(tl.max(tl.abs(e), axis=1))
-                c2, e = _qcode(e, s2)
+                s1, c1, s2, c2, e = _qlevels(qf, amax)
                 qerr = zmul * 127.0 * (tl.sum(tl.abs(e), axis=1) + D * amax * 9.5367431640625e-07)
+                if PACK:  # the same levels, stacked: row i < RS holds c1 of row i, row RS + i c2 of row i
+                    rf = tl.arange(0, RP)
+                    rr = rf % RS
+                    qd = load_q(q_ptr, b, kvh * G + rr // LQ, rr % LQ, rr < R, sqb, sqh, sql, D)
+                    qd = qd.to(tl.float32)
+                    t1, d1, t2, d2, _ = _qlevels(qd, tl.max(tl.abs(qd), axis=1))
+                    cq = tl.where((rf < RS)[:, None], d1, d2)
+                    sq = tl.where(rf < RS, t1, t2)
             code_base = code_ptr + bh64 * sk_cap * W
             scale_base = scale_ptr + bh64 * sk_cap * NGT
             res_base = res_ptr + bh64 * sk_cap
@@ -156,10 +175,10 @@ def score_kernel(
         end = tl.minimum(start + split_len, S)
         if SRC != 0:  # no valid position at or past vend (append semantics, kept by update_kernel)
             end = tl.minimum(end, tl.load(vend_ptr + bh))
-        runmax = tl.full([RP], NEG_INF, tl.float32)
+        runmax = tl.full([RS], NEG_INF, tl.float32)
         lastv = tl.zeros([BLOCK_N], tl.int32)  # per tile column: reduced once, at the end
-        known = tl.full([RP], NEG_INF, tl.float32)
-        pending = tl.full([RP], NEG_INF, tl.float32)
+        known = tl.full([RS], NEG_INF, tl.float32)
+        pending = tl.full([RS], NEG_INF, tl.float32)
         it = tl.full([], 0, tl.int32)
         cnt = tl.full([], 0, tl.int32)
         nxt = start + tl.arange(0, BLOCK_N)
@@ -197,7 +216,12 @@ def score_kernel(
                 if W == GS:  # one step per row (per half for int4): scaled after the dot
                     if SRC == 1:
                         step = tl.reshape(steps, [BLOCK_N]).to(tl.float32)
-                        qk = _idot(c1, c2, s1, s2, codes) * step[None, :]
+                        if PACK:
+                            a = tl.dot(cq, tl.trans(codes), out_dtype=tl.int32).to(tl.float32) * sq[:, None]
+                            a1, a2 = tl.split(tl.permute(tl.reshape(a, [2, RS, BLOCK_N]), (1, 2, 0)))
+                            qk = (a1 + a2) * step[None, :]
+                        else:
+                            qk = _idot(c1, c2, s1, s2, codes) * step[None, :]
                         qeps = qerr[:, None] * step[None, :]
                     else:
                         s_lo, s_hi = tl.split(steps)
