@@ -116,9 +116,12 @@ def test_dense_support_sizes_and_workspace_fallback(inline, monkeypatch):
 def test_long_lists_drop_entries_below_the_bracket(monkeypatch, policy, alpha):
     """Lists longer than the solve block (shrunk to 16 here) drop entries ≤ τ₀ before Newton: τ, the output
     and the support sizes stay exact."""
-    from entmaxkv_compile.kernels import launch
+    import triton.language as tl
+
+    from entmaxkv_compile.kernels import common
 
     monkeypatch.setattr(launch, "SOLVE_BLOCK", 16)
+    monkeypatch.setattr(common, "SOLVE_SMALL", tl.constexpr(16))  # else lists ≤ 512 never stream
     q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.float32, seed=3, peaky=False)
     q = q * 0.35  # every score within 1 of the maximum: lists of ~256 entries per row
     out, site, cfg = _run(
@@ -324,3 +327,40 @@ def test_new_sequence_after_a_rebuild_with_the_same_first_row(policy):
     k_cache[:, :, 1:41] = torch.randn(1, 2, 40, 64, generator=gen) * 3  # a new sequence, same row 0
     k_cache[:, :, 7] = 4 * q[:, ::2, 0]  # a key the new sequence attends to strongly
     assert step(41) < 1e-5  # looks like an append: only the probes can tell
+
+
+# packed int8 dot (2R ≤ RP): R = 8 with Lq = 2, MHA (R = 1), padded R = 3, D = 256; R = 16: not packed
+@pytest.mark.parametrize("g,lq,d", [(4, 2, 64), (1, 1, 64), (3, 1, 64), (2, 1, 256), (16, 1, 64)])
+def test_int8_row_bounds_contain_the_exact_scores_per_row(g, lq, d):
+    """The int8 one-step-per-row bound holds for every row of the group, each row's keys worst cases for
+    its own query rounding (rows differ in head and position, so a row mix-up of levels or bounds shows)."""
+    hkv, s = 1, 64
+    gen = torch.Generator().manual_seed(3)
+    q = 0.1 * torch.randn(1, hkv * g, lq, d, generator=gen)
+    q[..., 5] = 10.0
+    q[:, :, -1, 7] = -3.0
+    codes = torch.randint(-127, 128, (1, hkv, s, d), generator=gen)
+    rows = q[0].reshape(g * lq, d)  # row r: head r // lq, position r % lq
+    for j in range(g * lq):
+        codes[0, 0, j :: g * lq] = 127 * torch.sign(_two_level_residual(rows[j])).long()
+    codes[..., 0] = 127  # every step exactly 1/8: the sketch is exact, the bound carries the query rounding
+    k = codes / 8.0
+    scale, alpha = 1e-3, 1.5
+    cfg = EntmaxKVConfig(policy="certified", sketch="int8", candidate_fraction=1.0, min_candidates=s)
+    plan = make_plan(tuple(q.shape), tuple(k.shape), d, cfg, 4, 16)
+    assert plan.block_sk == (32 if 2 * plan.r <= plan.rp else 16)
+    site, sc = SiteBuffers(plan, q.device, k.dtype), Scratch(plan, q.device)
+    st = Step(plan, q, k, k, None, scale, alpha)
+    _update(st, site, sc)
+    _score(st, sc, 0, sketch=site)
+    exact = (alpha - 1) * scale * rows.double() @ k[0, 0].double().T  # [R, S]
+    r, seen = plan.r, 0
+    for seg in range(plan.nsplit):
+        n = int(sc.seg_cnt[seg])
+        pos = sc.seg_idx[seg * plan.segcap :][:n].long()
+        z = sc.seg_z[seg * 2 * r * plan.segcap :][: 2 * r * plan.segcap].view(2, r, plan.segcap)[..., :n]
+        assert (z[0].double() <= exact[:, pos]).all() and (z[1].double() >= exact[:, pos]).all()
+        zmax = sc.seg_max[seg * plan.rp :][:r]
+        assert torch.equal(zmax, z[0].max(1).values)  # the running maxima of rows < R, per row
+        seen += n
+    assert seen == s
