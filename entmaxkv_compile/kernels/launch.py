@@ -48,7 +48,8 @@ SCORE_MAXNREG = 128
 SYNC_EXACT = 8
 SYNC_SKETCH = 4
 # Up to this cache capacity the exact scoring pass also writes the dense workspace (R·4 bytes per token
-# against D·2 of K: ~6% more traffic at R = 4), which saves the two workspace launches on every step.
+# against D·2 of K: ~6% more traffic at R = 4; only where it is ≤ 1/8 of K), which saves the two workspace
+# launches on every step.
 WS_INLINE_MAX = 65536
 
 
@@ -118,7 +119,7 @@ class Plan:
 
     @property
     def ws_inline(self) -> bool:
-        return self.s <= WS_INLINE_MAX
+        return self.s <= WS_INLINE_MAX and 16 * self.r <= self.d
 
     @property
     def cap2(self) -> int:

@@ -155,16 +155,21 @@ def score_kernel(
             if SRC == 1 and W == GS:  # one step per row: int8 dots on the codes as loaded
                 # q = s1·c1 + s2·c2 + e with int8 c1, c2; |e·k̂| ≤ ‖e‖₁·127·step joins the bound, plus a
                 # slack (D·max|q|·2⁻²⁰) covering the fp32 rounding of e and of the combination.
-                s1, c1, s2, c2, e = _qlevels(qf, amax)
-                qerr = zmul * 127.0 * (tl.sum(tl.abs(e), axis=1) + D * amax * 9.5367431640625e-07)
-                if PACK:  # the same levels, stacked: row i < RS holds c1 of row i, row RS + i c2 of row i
+                if PACK:  # rows i and RS + i both hold query row i: level 1 from the first, level 2 from the
+                    # second, and the bound term from the first — one decomposition, so codes and bound agree
                     rf = tl.arange(0, RP)
                     rr = rf % RS
                     qd = load_q(q_ptr, b, kvh * G + rr // LQ, rr % LQ, rr < R, sqb, sqh, sql, D)
                     qd = qd.to(tl.float32)
-                    t1, d1, t2, d2, _ = _qlevels(qd, tl.max(tl.abs(qd), axis=1))
+                    ad = tl.max(tl.abs(qd), axis=1)
+                    t1, d1, t2, d2, ed = _qlevels(qd, ad)
                     cq = tl.where((rf < RS)[:, None], d1, d2)
                     sq = tl.where(rf < RS, t1, t2)
+                    qe = zmul * 127.0 * (tl.sum(tl.abs(ed), axis=1) + D * ad * 9.5367431640625e-07)
+                    qerr, _ = tl.split(tl.permute(tl.reshape(qe, [2, RS]), (1, 0)))
+                else:
+                    s1, c1, s2, c2, e = _qlevels(qf, amax)
+                    qerr = zmul * 127.0 * (tl.sum(tl.abs(e), axis=1) + D * amax * 9.5367431640625e-07)
             code_base = code_ptr + bh64 * sk_cap * W
             scale_base = scale_ptr + bh64 * sk_cap * NGT
             res_base = res_ptr + bh64 * sk_cap
