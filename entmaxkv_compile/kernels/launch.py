@@ -111,11 +111,15 @@ class Plan:
         return 0.0
 
     @property
+    def packed(self) -> bool:
+        """The int8 sketch pass packs both query levels into one dot (one step per row, ``2·R ≤ RP``)."""
+        return self.sk == 1 and self.gs == self.d and 2 * self.r <= self.rp
+
+    @property
     def block_sk(self) -> int:
-        """Tokens per sketch tile: twice the exact tile where the int8 pass packs both query levels into one
-        dot (one step per row, ``2·R ≤ RP``: no spills at the register cap, 1M 0.556 → 0.486 of SDPA)."""
-        packed = self.sk == 1 and self.gs == self.d and 2 * self.r <= self.rp
-        return 2 * self.block_n if packed else self.block_n
+        """Tokens per sketch tile: twice the exact tile for the packed int8 pass (no spills at the register
+        cap; 1M 0.556 → 0.486 of SDPA)."""
+        return 2 * self.block_n if self.packed else self.block_n
 
     @property
     def ws_inline(self) -> bool:
@@ -301,8 +305,8 @@ def _score(
     score_kernel[(p.bh, p.nsplit)](
         q, st.k, st.bias, *meta, sc.seg_idx, sc.seg_z, sc.seg_cnt, sc.seg_max, last, sc.gmax, sc.ws,
         sc.mode, vend, *st.qkb(), p.hkv, p.s, p.s, p.split_len, p.segcap, st.zmul, st.bmul, want_mode,
-        D=p.d, BLOCK_N=p.block_sk if sk else p.block_n, SRC=sk, GS=p.gs, KEEP=not ws,
-        WRITE_WS=ws or (not sk and p.ws_inline), F32=st.f32, **st.common(), **st.bias_flags(),
+        D=p.d, BLOCK_N=p.block_sk if sk else p.block_n, SRC=sk, GS=p.gs, PACK=bool(sk) and p.packed,
+        KEEP=not ws, WRITE_WS=ws or (not sk and p.ws_inline), F32=st.f32, **st.common(), **st.bias_flags(),
         **_score_launch(st, sk),
     )  # fmt: skip
 

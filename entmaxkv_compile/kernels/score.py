@@ -46,13 +46,16 @@ def _qstep(amax):
 
 
 @triton.jit
-def _qlevels(qf, amax):
-    """Two int8 levels of the query rows ``qf`` (``amax = max|qf|`` per row): ``qf = s1·c1 + s2·c2 + e``."""
+def _qlevels(qf, amax, zmul, D: tl.constexpr):
+    """Two int8 levels of the query rows ``qf`` (``amax = max|qf|`` per row), ``qf = s1·c1 + s2·c2 + e``, and
+    the bound term per unit step ``(α−1)·scale·127·‖e‖₁`` plus a slack (``D·max|q|·2⁻²⁰``) covering the fp32
+    rounding of ``e`` and of the combination (``|e·k̂| ≤ ‖e‖₁·127·step``)."""
     s1 = _qstep(amax)
     c1, e = _qcode(qf, s1)
     s2 = _qstep(tl.max(tl.abs(e), axis=1))
     c2, e = _qcode(e, s2)
-    return s1, c1, s2, c2, e
+    qerr = zmul * 127.0 * (tl.sum(tl.abs(e), axis=1) + D * amax * 9.5367431640625e-07)
+    return s1, c1, s2, c2, qerr
 
 
 @triton.jit
@@ -121,6 +124,7 @@ def score_kernel(
     WRITE_WS: tl.constexpr,
     F32: tl.constexpr,
     SYNC: tl.constexpr,
+    PACK: tl.constexpr,
 ):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -131,9 +135,8 @@ def score_kernel(
         b = bh // Hkv
         kvh = bh % Hkv
         bh64 = bh.to(tl.int64)
-        # One step per int8 row and at most RP/2 rows: both int8 query levels share one dot (level 1 in rows
-        # [0, RS), level 2 in rows [RS, RP), summed in registers) and the bounds are formed on RS rows.
-        PACK: tl.constexpr = SRC == 1 and D == GS and 2 * R <= RP
+        # PACK (Plan.packed: int8, one step per row, 2R ≤ RP): both int8 query levels share one dot (level 1
+        # in rows [0, RS), level 2 in rows [RS, RP), summed in registers); bounds on RS rows.
         RS: tl.constexpr = RP // 2 if PACK else RP
         r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RS)
         bias_base = bias_ptr + b.to(tl.int64) * sbb
@@ -153,23 +156,19 @@ def score_kernel(
             W: tl.constexpr = D if SRC == 1 else D // 2
             NGT: tl.constexpr = D // GS
             if SRC == 1 and W == GS:  # one step per row: int8 dots on the codes as loaded
-                # q = s1·c1 + s2·c2 + e with int8 c1, c2; |e·k̂| ≤ ‖e‖₁·127·step joins the bound, plus a
-                # slack (D·max|q|·2⁻²⁰) covering the fp32 rounding of e and of the combination.
+                # q = s1·c1 + s2·c2 + e with int8 c1, c2; the e term (qerr per unit step) joins the bound
                 if PACK:  # rows i and RS + i both hold query row i: level 1 from the first, level 2 from the
                     # second, and the bound term from the first — one decomposition, so codes and bound agree
                     rf = tl.arange(0, RP)
                     rr = rf % RS
                     qd = load_q(q_ptr, b, kvh * G + rr // LQ, rr % LQ, rr < R, sqb, sqh, sql, D)
                     qd = qd.to(tl.float32)
-                    ad = tl.max(tl.abs(qd), axis=1)
-                    t1, d1, t2, d2, ed = _qlevels(qd, ad)
+                    t1, d1, t2, d2, qe = _qlevels(qd, tl.max(tl.abs(qd), axis=1), zmul, D)
                     cq = tl.where((rf < RS)[:, None], d1, d2)
                     sq = tl.where(rf < RS, t1, t2)
-                    qe = zmul * 127.0 * (tl.sum(tl.abs(ed), axis=1) + D * ad * 9.5367431640625e-07)
                     qerr, _ = tl.split(tl.permute(tl.reshape(qe, [2, RS]), (1, 0)))
                 else:
-                    s1, c1, s2, c2, e = _qlevels(qf, amax)
-                    qerr = zmul * 127.0 * (tl.sum(tl.abs(e), axis=1) + D * amax * 9.5367431640625e-07)
+                    s1, c1, s2, c2, qerr = _qlevels(qf, amax, zmul, D)
             code_base = code_ptr + bh64 * sk_cap * W
             scale_base = scale_ptr + bh64 * sk_cap * NGT
             res_base = res_ptr + bh64 * sk_cap
