@@ -153,6 +153,14 @@ def test_certified_is_exact(sketch, group, alpha):
     assert site.wm.tolist() == [192, 192, 150, 150]
 
 
+def _kept(sc: Scratch, plan, seg: int) -> tuple[Tensor, Tensor]:
+    """Segment ``seg`` of a scoring pass: kept positions ``[n]`` and bounds ``[2 (lo, hi), R, n]``."""
+    n, r = int(sc.seg_cnt[seg]), plan.r
+    pos = sc.seg_idx[seg * plan.segcap :][:n].long()
+    z = sc.seg_z[seg * 2 * r * plan.segcap :][: 2 * r * plan.segcap].view(2, r, plan.segcap)[..., :n]
+    return pos, z
+
+
 def _two_level_residual(x: Tensor) -> Tensor:
     """What ``score_kernel`` leaves of a query row after its two int8 levels (``x − s1·c1 − s2·c2``)."""
     for _ in range(2):
@@ -194,19 +202,13 @@ def test_sketch_bounds_contain_the_exact_scores(sketch, group, qmag):
         * scale
         * torch.einsum("hd,hsd->hs", q[0, :, 0].double(), k[0].double().repeat_interleave(g, 0))
     )
-    r = plan.r
     seen = 0
     for seg in range(plan.bh * plan.nsplit):
-        n, kvh = int(sc.seg_cnt[seg]), seg // plan.nsplit
-        pos = sc.seg_idx[seg * plan.segcap :][:n].long()
-        z = (
-            sc.seg_z[seg * 2 * r * plan.segcap :][: 2 * r * plan.segcap]
-            .view(2, r, plan.segcap)[..., :n]
-            .double()
-        )
+        pos, z = _kept(sc, plan, seg)
+        kvh, z = seg // plan.nsplit, z.double()
         want = exact[kvh * g : (kvh + 1) * g][:, pos]
         assert (z[0] <= want).all() and (z[1] >= want).all()  # strictly: the bound covers fp32 rounding
-        seen += n
+        seen += len(pos)
     assert seen == plan.bh * s
 
 
@@ -354,13 +356,11 @@ def test_int8_row_bounds_contain_the_exact_scores_per_row(g, lq, d):
     _update(st, site, sc)
     _score(st, sc, 0, sketch=site)
     exact = (alpha - 1) * scale * rows.double() @ k[0, 0].double().T  # [R, S]
-    r, seen = plan.r, 0
+    seen = 0
     for seg in range(plan.nsplit):
-        n = int(sc.seg_cnt[seg])
-        pos = sc.seg_idx[seg * plan.segcap :][:n].long()
-        z = sc.seg_z[seg * 2 * r * plan.segcap :][: 2 * r * plan.segcap].view(2, r, plan.segcap)[..., :n]
+        pos, z = _kept(sc, plan, seg)
         assert (z[0].double() <= exact[:, pos]).all() and (z[1].double() >= exact[:, pos]).all()
-        zmax = sc.seg_max[seg * plan.rp :][:r]
+        zmax = sc.seg_max[seg * plan.rp :][: plan.r]
         assert torch.equal(zmax, z[0].max(1).values)  # the running maxima of rows < R, per row
-        seen += n
+        seen += len(pos)
     assert seen == s
