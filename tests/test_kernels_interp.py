@@ -212,6 +212,63 @@ def test_sketch_bounds_contain_the_exact_scores(sketch, group, qmag):
     assert seen == plan.bh * s
 
 
+@pytest.mark.parametrize("policy", ["dense", "certified"])
+def test_segments_end_filtered_by_the_final_maximum(policy):
+    """Each program's peak sits in its last tile, so its early tiles keep background within 1 of a low
+    running maximum; at the end the program drops what its final maximum rules out. Segments must then hold
+    only entries some row can still use, and every token within 1 of its row's maximum (the superset)."""
+    b, hkv, g, s, d = 1, 2, 2, 256, 64
+    q, k, _ = _inputs(b, hkv, g, 1, s, d, torch.float32, seed=5, peaky=False)
+    for h in range(hkv):  # the last position of each program's range: a key far above the rest
+        k[0, h, 63::64] += 3.0 * q[0, h * g : (h + 1) * g, 0].mean(0)
+    cfg = EntmaxKVConfig(policy=policy, candidate_fraction=1.0, min_candidates=s)
+    plan = make_plan(tuple(q.shape), tuple(k.shape), d, cfg, 8, 16)
+    assert plan.nsplit == 4 and plan.split_len == 64
+    site, sc = SiteBuffers(plan, q.device, k.dtype), Scratch(plan, q.device)
+    st = Step(plan, q, k, k, None, d**-0.5, 1.5)
+    if policy == "dense":
+        _score(st, sc, -1)
+    else:
+        _update(st, site, sc)
+        _score(st, sc, 0, sketch=site)
+    exact = 0.5 * d**-0.5 * torch.einsum("hd,hsd->hs", q[0, :, 0], k[0].repeat_interleave(g, 0))
+    hi = 0 if policy == "dense" else 1  # exact passes keep z; sketch passes also keep the upper bound
+    for grp in range(plan.bh):
+        rows = exact[grp * g : (grp + 1) * g]
+        kept = set()
+        for seg in range(grp * plan.nsplit, (grp + 1) * plan.nsplit):
+            pos, z = _kept(sc, plan, seg)
+            own = sc.seg_max[seg * plan.rp :][: plan.r]
+            assert 0 < len(pos) < plan.split_len // 4  # background was kept early, then dropped
+            assert (z[hi] > own[:, None] - 1.0).any(0).all()
+            kept |= set(pos.tolist())
+        need = (rows > rows.max(1, keepdim=True).values - 1.0).any(0).nonzero().flatten().tolist()
+        assert set(need) <= kept
+
+
+def test_segment_end_filter_fills_its_gap_from_the_tail():
+    """Each program's first tile is background (kept: the running maximum is low), then a peak and 47
+    positions within 1 of it. The end filter drops the first block, stops at the clean block after it and
+    moves the segment's last entries into the gap: every segment must end as exactly the 48 useful
+    positions, once each."""
+    s, d, scale = 256, 64, 0.125
+    q = torch.randn(1, 1, 1, d, generator=torch.Generator().manual_seed(7))
+    t = torch.rand(s, generator=torch.Generator().manual_seed(8))  # background z in [0, 0.9)
+    t = 0.9 * t
+    t[16::64] = 10.0
+    for p0 in range(0, s, 64):
+        t[p0 + 17 : p0 + 64] = torch.linspace(9.2, 9.9, 47)
+    k = (t[:, None] * q[0, 0, 0] / (q.square().sum() * 0.5 * scale)).reshape(1, 1, s, d)  # z = t
+    cfg = EntmaxKVConfig(policy="dense", candidate_fraction=1.0, min_candidates=s)
+    plan = make_plan(tuple(q.shape), tuple(k.shape), d, cfg, 4, 16)
+    assert plan.nsplit == 4 and plan.split_len == 64
+    sc = Scratch(plan, q.device)
+    _score(Step(plan, q, k, k, None, scale, 1.5), sc, -1)
+    for seg in range(plan.nsplit):
+        pos, _ = _kept(sc, plan, seg)
+        assert sorted(pos.tolist()) == list(range(64 * seg + 16, 64 * seg + 64))
+
+
 @pytest.mark.parametrize("policy,sketch", [("dense", "int8"), ("certified", "int4")])
 def test_long_splits_exchange_maxima_every_few_tiles(policy, sketch):
     """One program per group scanning 16–32 tiles: the shared running maximum is exchanged only every

@@ -35,6 +35,7 @@ MAXIT = 100
 SOLVE_BLOCK = 4096
 OUT_SCAN = 1024
 OUT_BLOCK = 32
+OUT_SOLO = 64  # lists up to this long (a support, usually) are read by one program per row
 SELECT_BLOCK = 1024
 NO_CAP = 2**31 - 1
 SKETCH_BITS = {"int8": 8, "int4": 4}
@@ -51,6 +52,10 @@ SYNC_SKETCH = 4
 # against D·2 of K: ~6% more traffic at R = 4; only where it is ≤ 1/8 of K), which saves the two workspace
 # launches on every step.
 WS_INLINE_MAX = 65536
+# Scoring programs drop what their final maximum rules out of their segment before they end (score_kernel's
+# REFILTER): sketch passes always; exact passes up to this capacity — beyond it the extra code in the tile
+# loop costs more than the shorter solve saves (1M dense 0.612 → 0.615 of SDPA, 128K 0.83 → 0.78).
+REFILTER_EXACT_MAX = 262144
 
 
 def _p2(n: int) -> int:
@@ -306,7 +311,8 @@ def _score(
         q, st.k, st.bias, *meta, sc.seg_idx, sc.seg_z, sc.seg_cnt, sc.seg_max, last, sc.gmax, sc.ws,
         sc.mode, vend, *st.qkb(), p.hkv, p.s, p.s, p.split_len, p.segcap, st.zmul, st.bmul, want_mode,
         D=p.d, BLOCK_N=p.block_sk if sk else p.block_n, SRC=sk, GS=p.gs, PACK=bool(sk) and p.packed,
-        KEEP=not ws, WRITE_WS=ws or (not sk and p.ws_inline), F32=st.f32, **st.common(), **st.bias_flags(),
+        KEEP=not ws, WRITE_WS=ws or (not sk and p.ws_inline), REFILTER=bool(sk) or p.s <= REFILTER_EXACT_MAX,
+        F32=st.f32, **st.common(), **st.bias_flags(),
         **_score_launch(st, sk),
     )  # fmt: skip
 
@@ -334,7 +340,7 @@ def _solve(
         cand if cand is not None else sc.list_n, sc.last, nlast, min_ctx, p.s, nseg, segcap, p.cap2, capc,
         st.beta, want_mode, ovf_mode, R=p.r, RP=p.rp, NSEG_P2=nseg_p2, SB=max(16, 2048 // nseg_p2),
         BLOCK=SOLVE_BLOCK, FROM_WS=from_ws, COUNT_CAND=cand is not None, MODE=st.mode, MAXIT=MAXIT,
-        NL_P2=_p2(max(nlast, 1)), WS_INLINE=ws_inline, num_warps=8,
+        NL_P2=_p2(max(nlast, 1)), WS_INLINE=ws_inline, SUPPORT_ONLY=tau is sc.tau, num_warps=8,
     )  # fmt: skip
 
 
@@ -355,7 +361,7 @@ def _output(st: Step, sc: Scratch, site: SiteBuffers, nlast: int) -> None:
         sc.ticket, sc.gmax, site.support, site.mode, site.wm, sc.last, v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2), p.hkv, p.s, p.cap2, st.beta, nlast,
         DV=p.dv, BLOCK=OUT_BLOCK, SCAN=OUT_SCAN, NSO_P2=_p2(p.nso), NL_P2=_p2(max(nlast, 1)), MODE=st.mode,
-        HAS_WM=nlast > 0, **st.common(),
+        HAS_WM=nlast > 0, SOLO=OUT_SOLO, **st.common(),
     )  # fmt: skip
 
 

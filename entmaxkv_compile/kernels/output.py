@@ -2,9 +2,11 @@
 
 Grid ``[rows, NSO]``: each program takes a slice of its row's list (or of its dense workspace row when the
 group is in mode 2), scans it ``SCAN`` entries at a time, gathers the V rows of the support tokens of the
-chunks that hold any (``BLOCK`` rows at a time) and writes fp32 partials. The last program
+blocks that hold any (``BLOCK`` rows at a time) and writes fp32 partials. The last program
 of a row to finish (a ticket counter) sums the partials in a fixed order, normalises, writes the output
-and the row's support size, and resets the row's ticket and running maximum for the next call.
+and the row's support size, and resets the row's ticket and running maximum for the next call. A list of at
+most ``SOLO`` entries (usually: the solve cuts short lists to their support) is taken whole by the row's
+program 0, which writes the output itself: no partials, no ticket.
 """
 
 from __future__ import annotations
@@ -13,6 +15,23 @@ import triton
 import triton.language as tl
 
 from .common import NEG_INF, pow_beta
+
+
+@triton.jit
+def _finish(
+    optr, tot, ps, pc, row, bh, r, m, sup_ptr, gmax_ptr, smode_ptr, wm_ptr, lrow, nlast,
+    RP: tl.constexpr, NL_P2: tl.constexpr, HAS_WM: tl.constexpr,
+):  # fmt: skip
+    """Write a row's output ``Σp·v / Σp`` and support size, reset its running maximum for the next call
+    and, for a group's row 0, record the group's mode and advance its watermark (``lrow``: last positions)."""
+    tl.store(optr, tl.where(ps > 0, tot / tl.maximum(ps, 1e-30), 0.0).to(optr.dtype.element_ty))
+    tl.store(sup_ptr + row, pc)
+    tl.store(gmax_ptr + bh.to(tl.int64) * RP + r, NEG_INF)
+    if r == 0:
+        tl.store(smode_ptr + bh, m)
+        if HAS_WM:
+            li = tl.arange(0, NL_P2)
+            tl.store(wm_ptr + bh, tl.max(tl.load(lrow + li, mask=li < nlast, other=0)))
 
 
 @triton.jit
@@ -56,6 +75,7 @@ def output_kernel(
     NL_P2: tl.constexpr,
     MODE: tl.constexpr,
     HAS_WM: tl.constexpr,
+    SOLO: tl.constexpr,
 ):
     row = tl.program_id(0)
     sp = tl.program_id(1)
@@ -67,17 +87,20 @@ def output_kernel(
     kvh = bh % Hkv
     m = tl.load(mode_ptr + bh)
     tau = tl.load(tau_ptr + bh.to(tl.int64) * RP + r)
+    n_list = tl.load(list_n_ptr + row)  # loaded with the mode, not after it: one round trip fewer
     use_ws = m == 2
     if use_ws:
         z_row = ws_ptr + row64 * S
         n = S
     else:
         z_row = list_z_ptr + row64 * cap2
-        n = tl.load(list_n_ptr + row)
+        n = n_list
     idx_row = list_idx_ptr + row64 * cap2
-    chunk = tl.cdiv(n, nso)
+    solo = (n <= SOLO) & (m != 2)  # a short list (the support): program 0 takes the row, nothing to combine
+    chunk = tl.where(solo, n, tl.cdiv(n, nso))
     lo = sp * chunk
     hi = tl.minimum(lo + chunk, n)
+    ilim = tl.where(use_ws, 0, tl.minimum(hi, cap2))  # list entries to read indices from
     dv = tl.arange(0, DV)
     v_base = v_ptr + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
     acc = tl.zeros([DV], tl.float32)
@@ -89,42 +112,41 @@ def output_kernel(
         pv += p
         cv += (p > 0).to(tl.int32)
         if tl.sum((p > 0).to(tl.int32)) > 0:  # gather V rows only inside chunks holding support tokens
+            blocks = tl.max(tl.reshape((p > 0).to(tl.int32), [SCAN // BLOCK, BLOCK]), axis=1)
+            bi = tl.arange(0, SCAN // BLOCK)
             for s0 in range(c0, tl.minimum(c0 + SCAN, hi), BLOCK):
-                ob = s0 + tl.arange(0, BLOCK)
-                pb = pow_beta(
-                    tl.maximum(tl.load(z_row + ob, mask=ob < hi, other=NEG_INF) - tau, 0.0), beta, MODE
-                )
-                sup = pb > 0
-                if tl.sum(sup.to(tl.int32)) > 0:
-                    idx = tl.where(use_ws, ob, tl.load(idx_row + ob, mask=sup & (ob < cap2), other=0))
+                # only blocks holding support tokens: each one visited costs a round trip to memory
+                if tl.sum(tl.where(bi == (s0 - c0) // BLOCK, blocks, 0)) > 0:
+                    ob = s0 + tl.arange(0, BLOCK)
+                    zb = tl.load(z_row + ob, mask=ob < hi, other=NEG_INF)
+                    ib = tl.load(idx_row + ob, mask=ob < ilim, other=0)  # with z, not after it
+                    pb = pow_beta(tl.maximum(zb - tau, 0.0), beta, MODE)
+                    sup = pb > 0
+                    idx = tl.where(use_ws, ob, ib)
                     vptr = v_base + idx.to(tl.int64)[:, None] * svs + dv[None, :]
                     vt = tl.load(vptr, mask=sup[:, None], other=0.0)
                     acc += tl.sum(pb[:, None] * vt.to(tl.float32), axis=0)
-    pslot = row64 * nso + sp
-    tl.store(part_ptr + pslot * DV + dv, acc)
-    tl.store(psum_ptr + pslot, tl.sum(pv))
-    tl.store(pcnt_ptr + pslot, tl.sum(cv))
-    tl.debug_barrier()
-    if tl.atomic_add(ticket_ptr + row, 1) == nso - 1:
-        j = tl.arange(0, NSO_P2)
-        jm = j < nso
-        jp = row64 * nso + j
-        parts = tl.load(
-            part_ptr + jp[:, None] * DV + dv[None, :], mask=jm[:, None], other=0.0, cache_modifier=".cg"
-        )
-        tot = tl.sum(parts, axis=0)
-        ps = tl.sum(tl.load(psum_ptr + jp, mask=jm, other=0.0, cache_modifier=".cg"))
-        pc = tl.sum(tl.load(pcnt_ptr + jp, mask=jm, other=0, cache_modifier=".cg"))
-        res = tl.where(ps > 0, tot / tl.maximum(ps, 1e-30), 0.0)
-        hq = kvh * G + r // LQ
-        optr = out_ptr + b.to(tl.int64) * sob + hq * soh + (r % LQ) * sol + dv
-        tl.store(optr, res.to(out_ptr.dtype.element_ty))
-        tl.store(support_ptr + row, pc)
-        tl.store(ticket_ptr + row, 0)
-        tl.store(gmax_ptr + bh.to(tl.int64) * RP + r, NEG_INF)
-        if r == 0:
-            tl.store(stat_mode_ptr + bh, m)
-            if HAS_WM:
-                li = tl.arange(0, NL_P2)
-                lv = tl.load(last_ptr + bh.to(tl.int64) * nlast + li, mask=li < nlast, other=0)
-                tl.store(wm_ptr + bh, tl.max(lv))
+    optr = out_ptr + b.to(tl.int64) * sob + (kvh * G + r // LQ) * soh + (r % LQ) * sol + dv
+    lrow = last_ptr + bh.to(tl.int64) * nlast
+    if solo:
+        if sp == 0:
+            _finish(optr, acc, tl.sum(pv), tl.sum(cv), row, bh, r, m, support_ptr, gmax_ptr, stat_mode_ptr,
+                    wm_ptr, lrow, nlast, RP, NL_P2, HAS_WM)  # fmt: skip
+    else:
+        pslot = row64 * nso + sp
+        tl.store(part_ptr + pslot * DV + dv, acc)
+        tl.store(psum_ptr + pslot, tl.sum(pv))
+        tl.store(pcnt_ptr + pslot, tl.sum(cv))
+        tl.debug_barrier()
+        if tl.atomic_add(ticket_ptr + row, 1) == nso - 1:
+            j = tl.arange(0, NSO_P2)
+            jm = j < nso
+            jp = row64 * nso + j
+            parts = tl.load(
+                part_ptr + jp[:, None] * DV + dv[None, :], mask=jm[:, None], other=0.0, cache_modifier=".cg"
+            )
+            ps = tl.sum(tl.load(psum_ptr + jp, mask=jm, other=0.0, cache_modifier=".cg"))
+            pc = tl.sum(tl.load(pcnt_ptr + jp, mask=jm, other=0, cache_modifier=".cg"))
+            tl.store(ticket_ptr + row, 0)
+            _finish(optr, tl.sum(parts, axis=0), ps, pc, row, bh, r, m, support_ptr, gmax_ptr, stat_mode_ptr,
+                    wm_ptr, lrow, nlast, RP, NL_P2, HAS_WM)  # fmt: skip

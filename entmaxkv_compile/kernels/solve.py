@@ -6,7 +6,9 @@ row maximum) can be in the support, so the program first compacts those into the
 (``list_idx``, ``list_z``, ``list_n``), histogramming them on the way, and runs Newton on the list
 (:func:`common.solve_tau`) from the histogram's bracket ``τ₀ ≤ τ`` (:func:`common.bracket_start`); a list
 longer than one block first drops its entries ``≤ τ₀`` (never in the support), so Newton usually iterates
-on registers. The output kernel reads the same list. A group whose segments overflowed (count >
+on registers. The output kernel reads the same list; with ``SUPPORT_ONLY`` (the solve whose τ the output
+uses) a list of at most one block is cut to its support ``z > τ`` first, so the output reads a few entries
+per row instead of every candidate within 1 of the maximum. A group whose segments overflowed (count >
 ``segcap``), whose total count exceeds ``capc`` or whose valid length (from the scoring pass's ``last``
 positions) is below ``min_ctx`` is switched to ``ovf_mode`` instead (every row reaches the same verdict);
 with ``WS_INLINE`` (the scoring pass also wrote the dense workspace) it is solved from the workspace at once.
@@ -75,28 +77,30 @@ def solve_kernel(
     MAXIT: tl.constexpr,
     NL_P2: tl.constexpr,
     WS_INLINE: tl.constexpr,
+    SUPPORT_ONLY: tl.constexpr,
 ):
     bh = tl.program_id(0)
     r = tl.program_id(1)
+    bh64 = bh.to(tl.int64)
+    segs = tl.arange(0, NSEG_P2)
+    smask = segs < nseg
+    seg = bh64 * nseg + segs
+    # the segment maxima, counts and last positions are loaded with the mode, not after it (they are small)
     m = tl.load(mode_ptr + bh)
+    zmax = tl.max(tl.load(seg_max_ptr + seg * RP + r, mask=smask, other=NEG_INF))
+    cnts = tl.load(seg_cnt_ptr + seg, mask=smask, other=0)
+    li = tl.arange(0, NL_P2)
+    length = tl.max(tl.load(last_ptr + bh64 * nlast + li, mask=li < nlast, other=0))
     mine = m == want_mode
     if WS_INLINE:  # a row's program may find its group already switched by a sibling row's (same verdict)
         mine = mine | (m == ovf_mode)
     if mine:
-        bh64 = bh.to(tl.int64)
-        segs = tl.arange(0, NSEG_P2)
-        smask = segs < nseg
-        seg = bh64 * nseg + segs
-        zmax = tl.max(tl.load(seg_max_ptr + seg * RP + r, mask=smask, other=NEG_INF))
         row = bh64 * R + r
         if FROM_WS:
             tau = solve_tau(ws_ptr + row * S, S, zmax, zmax - 1.0, beta, MODE, BLOCK, MAXIT)
             tl.store(tau_ptr + bh64 * RP + r, tau)
         else:
-            cnts = tl.load(seg_cnt_ptr + seg, mask=smask, other=0)
             total = tl.sum(cnts)
-            li = tl.arange(0, NL_P2)
-            length = tl.max(tl.load(last_ptr + bh64 * nlast + li, mask=li < nlast, other=0))
             if (tl.max(cnts) > segcap) | (total > capc) | (length < min_ctx):
                 tl.store(mode_ptr + bh, ovf_mode)
                 if WS_INLINE:
@@ -133,6 +137,8 @@ def solve_kernel(
                 tau0 = bracket_start(hist, zmax, beta, MODE, NB)
                 if n > BLOCK:  # τ ≥ τ₀: entries ≤ τ₀ are never in the support, drop them before Newton
                     n = _compact_above(list_idx_ptr + row * cap2, list_z_ptr + row * cap2, n, tau0, BLOCK)
-                tl.store(list_n_ptr + row, n)
                 tau = solve_tau(list_z_ptr + row * cap2, n, zmax, tau0, beta, MODE, BLOCK, MAXIT)
                 tl.store(tau_ptr + bh64 * RP + r, tau)
+                if SUPPORT_ONLY and (n <= BLOCK):  # the output then reads the support alone, in one block
+                    n = _compact_above(list_idx_ptr + row * cap2, list_z_ptr + row * cap2, n, tau, BLOCK)
+                tl.store(list_n_ptr + row, n)
