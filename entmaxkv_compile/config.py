@@ -8,17 +8,21 @@ the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
-Policy = Literal["dense", "topk", "adaptive", "certified"]
+Policy = Literal["auto", "dense", "topk", "adaptive", "certified"]
 Sketch = Literal["int8", "int4"]
 InnerCompiler = Literal["inductor", "aot_eager", "eager"]
 
-POLICIES: tuple[str, ...] = ("dense", "topk", "adaptive", "certified")
+POLICIES: tuple[str, ...] = ("auto", "dense", "topk", "adaptive", "certified")
 SKETCHES: tuple[str, ...] = ("int8", "int4")
 INNER_COMPILERS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
 SUPPORTED_HEAD_DIMS: tuple[int, ...] = (64, 128, 256)
+# ``auto``: from this many cached positions on the certified decode is faster than the dense one (both exact);
+# measured side by side on an H200 (docs/KERNELS.md, "The automatic policy").
+AUTO_CERTIFIED_FROM = 196608
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,10 @@ class EntmaxKVConfig:
     Parameters
     ----------
     policy:
-        How a decode step chooses what to read. ``certified`` (default) is exact: int sketches of the keys
-        with worst-case error bounds prove which tokens cannot be in the entmax support; ``dense`` reads
+        How a decode step chooses what to read. ``auto`` (default): ``certified`` for caches of at least
+        ``AUTO_CERTIFIED_FROM`` (192K) positions, where it is the faster exact decode, ``dense`` below
+        (and for sequences shorter than that in a longer cache). ``certified`` is exact: int sketches of the
+        keys with worst-case error bounds prove which tokens cannot be in the entmax support; ``dense`` reads
         every key once and values only for the support; ``topk`` reads a static budget of pages (plus sink
         and recent pages); ``adaptive`` keeps pages whose upper bound can cross an estimated threshold.
     page_size:
@@ -63,7 +69,7 @@ class EntmaxKVConfig:
         ``fallback`` leaves an unsupported site dense and logs why; ``error`` raises instead.
     """
 
-    policy: Policy = "certified"
+    policy: Policy = "auto"
     page_size: int = 16
     budget_pages: int = 64
     sink_pages: int = 1
@@ -116,9 +122,22 @@ class EntmaxKVConfig:
             return self.sketch_group
         return head_dim if self.sketch == "int8" else min(32, head_dim)
 
+    def resolve(self, capacity: int) -> EntmaxKVConfig:
+        """The config a decode over a cache of ``capacity`` positions runs: ``auto`` becomes ``dense`` below
+        ``AUTO_CERTIFIED_FROM`` and ``certified`` from there on, with ``min_context`` raised to it (shorter
+        sequences in a longer cache decode densely too); any other policy is returned as it is."""
+        return _resolve(self, capacity, AUTO_CERTIFIED_FROM) if self.policy == "auto" else self
+
     def replace(self, **changes: object) -> EntmaxKVConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve(config: EntmaxKVConfig, capacity: int, crossover: int) -> EntmaxKVConfig:
+    if capacity < crossover:
+        return config.replace(policy="dense")
+    return config.replace(policy="certified", min_context=max(config.min_context, crossover))
 
 
 def validate_alpha(alpha: float) -> float:

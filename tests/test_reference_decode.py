@@ -311,6 +311,28 @@ def test_min_context_falls_back() -> None:
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
+def test_auto_resolves_by_cache_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default policy runs ``dense`` below the crossover and ``certified`` from it, where sequences
+    shorter than the crossover (``min_context``) decode densely; both are exact."""
+    import entmaxkv_compile.config as config_mod
+
+    cfg = EntmaxKVConfig()
+    assert cfg.policy == "auto"
+    assert cfg.resolve(config_mod.AUTO_CERTIFIED_FROM - 1).policy == "dense"
+    long = cfg.resolve(config_mod.AUTO_CERTIFIED_FROM)
+    assert long.policy == "certified" and long.min_context == config_mod.AUTO_CERTIFIED_FROM
+    assert EntmaxKVConfig(policy="certified").resolve(10) == EntmaxKVConfig(policy="certified")
+    monkeypatch.setattr(config_mod, "AUTO_CERTIFIED_FROM", 60)  # a short cache stands in for a long one
+    q, k, v, bias = make_inputs(11, s=64)
+    bias[1, ..., 50:] = -math.inf  # row 1: at most 50 valid positions, below the crossover
+    out, stats, ref = run("auto", q, k, v, bias, 1.5)
+    assert stats.policy == "certified" and stats.fallback.tolist() == [[False] * 2, [True] * 2]
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    out, stats, ref = run("auto", q[:, :, :, :], k[:, :, :40], v[:, :, :40], bias[..., :40], 1.5)
+    assert stats.policy == "dense"
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("policy", ["dense", "topk", "adaptive", "certified"])

@@ -1,7 +1,8 @@
 """``kernels``: one decode step of one layer, every policy side by side with SDPA, on a CUDA GPU.
 
 For each shape and context: ``torch.nn.functional.scaled_dot_product_attention`` (dense softmax,
-``enable_gqa``, no mask: its fastest path), the exact dense entmax decode, ``certified`` with int8 and int4
+``enable_gqa``, no mask: its fastest path), the exact dense entmax decode, the default policy ``auto`` (dense
+or certified by the cache length), ``certified`` with int8 and int4
 sketches at controlled candidate fractions, and static ``topk`` at 1/n of the pages (``--topk``). Each
 variant is captured in a CUDA graph; the time is the median over ``--reps`` replays (CUDA events, L2 flushed
 before each) after warm-up; the eager median (with Python launch overhead) is reported too. Bytes read count
@@ -43,6 +44,7 @@ VARIANT_SITES = {
     ("certified", "int8"): 1,
     ("certified", "int4"): 2,
     ("topk", "int8"): 3,
+    ("auto", "int8"): 4,
 }
 
 
@@ -258,6 +260,19 @@ def _bench_case(
         )
         return out
 
+    def auto_variant(frac: float, dense_out: Tensor | None):
+        cfg = EntmaxKVConfig()  # the default policy, "auto": what it runs depends on the cache length
+        site, fn = ours(cfg)
+        out = fn().clone()
+        cand, sup, modes = group_stats(site)
+        runs = cfg.resolve(s)
+        meta = metadata(runs)[1] if runs.policy == "certified" else 0
+        keys = cand * d * esize if runs.policy == "certified" else kv_bytes / 2
+        record(
+            "auto", fn, meta + keys + sup * d * esize + b * s * 4, out, dense_out, fraction=frac,
+            runs=runs.policy, support=sup, modes=modes, metadata_bytes=meta,
+        )  # fmt: skip
+
     def certified_variant(frac: float, sk: str, group: int | None, dense_out: Tensor | None):
         cfg = EntmaxKVConfig(policy="certified", sketch=sk, sketch_group=group)
         site, fn = ours(cfg)
@@ -289,6 +304,7 @@ def _bench_case(
         k.view(b * hkv, s, d)[rows, pos] = val
         ops_cuda.reset_all()
         dense_out = guarded("dense", lambda f=frac: dense_variant(f), fraction=frac)
+        guarded("auto", lambda f=frac, o=dense_out: auto_variant(f, o), fraction=frac)
         for sk in sketches:
             for gs in groups:
                 guarded(

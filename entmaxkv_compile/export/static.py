@@ -102,7 +102,8 @@ def export_static(
     config:
         ``policy="topk"`` (default: ``EntmaxKVConfig(policy="topk")``) selects ``budget_pages`` pages per KV
         group plus ``sink_pages`` and ``recent_pages``; ``policy="certified"`` selects
-        ``max(min_candidates, ⌈candidate_fraction·S⌉)`` tokens by ``sketch`` bound and reports ``certified``.
+        ``max(min_candidates, ⌈candidate_fraction·S⌉)`` tokens by ``sketch`` bound and reports ``certified``
+        (``auto`` exports as ``certified``: a static graph is built for one long cache length).
     return_selection:
         Return ``(model output, selections)`` where ``selections[i]`` is site ``i``'s ``(pages,)``
         (``[B, Hkv, sink+budget+recent]`` int64) or ``(tokens, certified)`` (``[B, Hkv, C]`` int64,
@@ -122,6 +123,8 @@ def export_static(
             "the cache length are baked into the graph; export one program per (batch, cache length) bucket"
         )
     config = config or EntmaxKVConfig(policy="topk")
+    if config.policy == "auto":  # a static graph is built for one long cache length: the certified variant
+        config = config.replace(policy="certified")
     if config.policy not in ("topk", "certified"):
         raise ValueError(
             f"static export supports policy 'topk' or 'certified', got {config.policy!r} "

@@ -413,7 +413,7 @@ def match(
     if not (math.isfinite(scale) and scale > 0):
         raise Unsupported(f"score scale {scale:g} is not a positive number")
     d = numel([p[0] for p in d_pairs])
-    if config.policy == "certified" and not (isinstance(d, int) and d % config.group_size(d) == 0):
+    if config.policy in ("certified", "auto") and not (isinstance(d, int) and d % config.group_size(d) == 0):
         group = config.group_size(d)
         raise Unsupported(f"head dim {d} is not a multiple of sketch_group={group} (certified)")
     _check_tensors(q, k, v, d, numel(dv))

@@ -221,6 +221,7 @@ def decode_attention(
     alpha = validate_alpha(alpha)
     b, hq, lq, d = q.shape
     hkv, n_tok = k.shape[1], k.shape[2]
+    config = config.resolve(n_tok)
     s = attention_scores(q, k, scale=scale, bias=bias)
     valid = (s > NEG_INF).reshape(b, -1, n_tok).any(1)  # [B, S]: attendable by some head of the row
     n_valid = valid.sum(-1)

@@ -213,3 +213,25 @@ def test_cache_past_int32_elements():
     out = ops_cuda.decode_site(q, k, v, bias, scale, 1.5, next(SITE), cfg, 528)
     ref = decode_attention(q, k, v, scale=scale, alpha=1.5, bias=bias, config=cfg)[0]
     assert _err(out, ref) < TOL[torch.bfloat16]
+
+
+def test_auto_runs_dense_below_the_crossover_and_certified_from_it():
+    """The default policy on the kernels: a cache shorter than ``AUTO_CERTIFIED_FROM`` runs the dense
+    pipeline (no sketch allocated); a longer one the certified pipeline, where a row whose sequence is
+    shorter than the crossover takes the dense tail on device."""
+    from entmaxkv_compile.config import AUTO_CERTIFIED_FROM
+
+    cfg = EntmaxKVConfig()
+    for s in (8192, AUTO_CERTIFIED_FROM + 4096):
+        q, k, v, bias = _case(2, 8, 2, 1, s, 64, torch.bfloat16, seed=6)
+        bias[1, ..., 5000:] = NEG  # row 1: 5,000 valid positions
+        site = next(SITE)
+        out = ops_cuda.decode_site(q, k, v, bias, 0.25, 1.5, site, cfg, 528)
+        assert _err(out, dense_decode(q, k, v, scale=0.25, alpha=1.5, bias=bias)) < TOL[torch.bfloat16]
+        state = ops_cuda._sites[(site, q.device)]
+        mode = ops_cuda.site_stats(site)["mode"].tolist()
+        if s < AUTO_CERTIFIED_FROM:
+            assert state.plan.policy == "dense" and not hasattr(state.buffers, "codes")
+            assert mode == [1] * 4
+        else:
+            assert state.plan.policy == "certified" and mode == [0, 0, 1, 1]
