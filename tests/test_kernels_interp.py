@@ -269,6 +269,40 @@ def test_segment_end_filter_fills_its_gap_from_the_tail():
         assert sorted(pos.tolist()) == list(range(64 * seg + 16, 64 * seg + 64))
 
 
+def test_topk_segments_hold_what_can_be_in_the_support():
+    """The exact scores of the selected pages keep only tokens within 1 of the group's maximum over the
+    selection (all of those, and nothing a segment's own maximum rules out), and the output still matches."""
+    b, hkv, g, s, d = 1, 2, 2, 256, 64
+    q, k, v = _inputs(b, hkv, g, 1, s, d, torch.float32, seed=9, peaky=False)
+    cfg = EntmaxKVConfig(policy="topk", page_size=8, budget_pages=12, sink_pages=1, recent_pages=1)
+    plan = make_plan(tuple(q.shape), tuple(k.shape), d, cfg, 16, 16)
+    site, sc = SiteBuffers(plan, q.device, k.dtype), Scratch(plan, q.device)
+    scale = d**-0.5 * 2
+    out = decode(plan, sc, site, q, k, v, None, scale, 1.5, cfg)
+    ref, _ = decode_attention(q, k, v, scale=scale, alpha=1.5, bias=None, config=cfg)
+    assert _err(out, ref) < 1e-5
+    z = 0.5 * scale * torch.einsum("hd,hsd->hs", q[0, :, 0], k[0].repeat_interleave(g, 0))
+    kept_total = 0
+    for grp in range(plan.bh):
+        pages = sc.sel[grp * plan.sel_cap :][: int(sc.nsel[grp])].long()
+        pos = (pages[:, None] * 8 + torch.arange(8)).flatten()
+        rows = z[grp * g : (grp + 1) * g][:, pos]
+        need = set(pos[(rows > rows.max(1, keepdim=True).values - 1.0).any(0)].tolist())
+        kept = set()
+        for seg in range(grp * plan.nsplit_t, (grp + 1) * plan.nsplit_t):
+            n = int(sc.tseg_cnt[seg])
+            idx = sc.tseg_idx[seg * plan.segcap_t :][:n].long()
+            zs = sc.tseg_z[seg * 2 * plan.r * plan.segcap_t :][: plan.r * plan.segcap_t].view(plan.r, -1)[
+                :, :n
+            ]
+            own = sc.tseg_max[seg * plan.rp :][: plan.r]
+            assert (zs > own[:, None] - 1.0).any(0).all()
+            kept |= set(idx.tolist())
+        assert need <= kept and len(kept) < len(pos) // 2
+        kept_total += len(kept)
+    assert kept_total > 0
+
+
 @pytest.mark.parametrize("policy,sketch", [("dense", "int8"), ("certified", "int4")])
 def test_long_splits_exchange_maxima_every_few_tiles(policy, sketch):
     """One program per group scanning 16–32 tiles: the shared running maximum is exchanged only every

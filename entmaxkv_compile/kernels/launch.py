@@ -440,9 +440,9 @@ def decode(
                 p.pages_per_split, PS=p.ps, PASS=pas, BLOCK=SELECT_BLOCK, NL_P2=_p2(p.nsplit_p),
             )  # fmt: skip
         page_gather_kernel[(p.bh, p.nsplit_t)](
-            q, k, st.bias, sc.sel, sc.nsel, sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, *st.qkb(),
-            p.hkv, p.s, p.sel_cap, p.segcap_t, st.zmul, st.bmul, D=p.d, PS=p.ps, BPG=max(1, 64 // p.ps),
-            F32=st.f32, **st.common(), **st.bias_flags(),
+            q, k, st.bias, sc.sel, sc.nsel, sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, sc.gmax,
+            *st.qkb(), p.hkv, p.s, p.sel_cap, p.segcap_t, st.zmul, st.bmul, D=p.d, PS=p.ps,
+            BPG=max(1, 64 // p.ps), F32=st.f32, **st.common(), **st.bias_flags(),
         )  # fmt: skip
         segs = (sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, p.nsplit_t, p.segcap_t)
         _solve(st, sc, 0, 1, sc.tau, segs=segs)

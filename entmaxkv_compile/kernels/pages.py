@@ -11,7 +11,9 @@
   selected pages land in ascending order with their count. No program walks all pages of a group.
   Groups shorter than ``min_ctx`` select nothing and go to the dense tail (mode 1).
 * ``page_gather_kernel`` (grid ``[B·Hkv, NSPLIT]``): exact ``z`` of every token of a slice of the selected
-  pages into the program's segment (the solve and output kernels take it from there).
+  pages; the tokens within 1 of the running maximum go into the program's segment, and what the group's
+  maximum (one ``atomic_max`` at the end) rules out is dropped before the solve and output kernels take it
+  from there (they used to scan every selected token: 16K per row at 1M, 1/64).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm
+from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, refilter
 
 
 @triton.jit
@@ -260,6 +262,7 @@ def page_gather_kernel(
     seg_z_ptr,
     seg_cnt_ptr,
     seg_max_ptr,
+    gmax_ptr,
     sqb,
     sqh,
     sql,
@@ -304,9 +307,11 @@ def page_gather_kernel(
     i_lo = sp * chunk
     i_hi = tl.minimum(i_lo + chunk, nsel)
     seg = bh64 * nsp + sp
+    idx_base = seg_idx_ptr + seg * segcap
+    z_base = seg_z_ptr + seg * 2 * R * segcap
     zmax = tl.full([RP], NEG_INF, tl.float32)
+    cnt = tl.full([], 0, tl.int32)
     for i0 in range(i_lo, i_hi, BPG):
-        slot = (i0 - i_lo) * PS + j
         im = i0 + j // PS < i_hi
         pg = tl.load(sel_ptr + bh64 * sel_cap + i0 + j // PS, mask=im, other=0)
         pos = pg * PS + j % PS
@@ -315,12 +320,17 @@ def page_gather_kernel(
         tv = tl.max(bias, axis=0) > NEG_INF
         kt = tl.load(k_base + pos.to(tl.int64)[:, None] * sks + d[None, :], mask=tv[:, None], other=0.0)
         z = mm(qc, tl.trans(cvt(kt, F32)), F32) * zmul + bias * bmul
-        tl.store(seg_idx_ptr + seg * segcap + slot, pos, mask=im)
-        tl.store(
-            seg_z_ptr + (seg * 2 * R + r[:, None]) * segcap + slot[None, :],
-            z,
-            mask=rmask[:, None] & im[None, :],
-        )
         zmax = tl.maximum(zmax, tl.max(z, axis=1))
-    tl.store(seg_cnt_ptr + seg, (i_hi - i_lo) * PS)
+        # only tokens within 1 of the running maximum can be in the support (τ ≥ max z − 1)
+        keep = (tl.sum((z > zmax[:, None] - 1.0).to(tl.int32), axis=0) > 0) & tv
+        ki = keep.to(tl.int32)
+        slot = cnt + tl.cumsum(ki, 0) - 1
+        tl.store(idx_base + slot, pos, mask=keep)
+        tl.store(z_base + r[:, None] * segcap + slot[None, :], z, mask=rmask[:, None] & keep[None, :])
+        cnt += tl.sum(ki)
+    # the group's maximum over all slices, then what it rules out is dropped (as in the scoring pass)
+    old = tl.atomic_max(gmax_ptr + bh64 * RP + r, zmax, mask=rmask)
+    thr = tl.maximum(tl.where(rmask, old, NEG_INF), zmax) - 1.0
+    cnt = refilter(idx_base, z_base, cnt, segcap, thr, r, rmask, R, False, BPG * PS)
+    tl.store(seg_cnt_ptr + seg, cnt)
     tl.store(seg_max_ptr + seg * RP + r, zmax)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, cvt, cvt_key, group_rows, load_bias, load_q, mm
+from .common import NEG_INF, cvt, cvt_key, group_rows, load_bias, load_q, mm, refilter
 
 
 @triton.jit
@@ -73,67 +73,6 @@ def _sketch_meta(scale_base, res_base, pos, pm, NGT: tl.constexpr):
     g = tl.arange(0, NGT)
     steps = tl.load(scale_base + p64[:, None] * NGT + g[None, :], mask=pm[:, None], other=0.0)
     return steps, tl.load(res_base + p64, mask=pm, other=0.0)
-
-
-@triton.jit
-def _seg_load(idx_base, z_base, sl, inr, segcap, r, rmask, R: tl.constexpr, HI: tl.constexpr):
-    """Segment entries ``sl``: positions ``[N]``, lower and upper scores ``[RP, N]`` (equal when ``~HI``)."""
-    zm = rmask[:, None] & inr[None, :]
-    zp = z_base + r[:, None] * segcap + sl[None, :]
-    zlo = tl.load(zp, mask=zm, other=NEG_INF)
-    zhi = tl.load(zp + R * segcap, mask=zm, other=NEG_INF) if HI else zlo
-    return tl.load(idx_base + sl, mask=inr, other=0), zlo, zhi
-
-
-@triton.jit
-def _seg_store(
-    idx_base, z_base, slot, keep, idx, zlo, zhi, segcap, r, rmask, R: tl.constexpr, HI: tl.constexpr
-):
-    tl.store(idx_base + slot, idx, mask=keep)
-    zp = z_base + r[:, None] * segcap + slot[None, :]
-    tl.store(zp, zlo, mask=rmask[:, None] & keep[None, :])
-    if HI:
-        tl.store(zp + R * segcap, zhi, mask=rmask[:, None] & keep[None, :])
-
-
-@triton.jit
-def _refilter(
-    idx_base, z_base, n, segcap, thr, r, rmask, R: tl.constexpr, HI: tl.constexpr, BLOCK: tl.constexpr
-):
-    """Drop a segment's entries with ``z_hi ≤ thr`` for every row (they cannot matter); the new count.
-
-    What made segments long is background kept before the program knew its maximum: it sits early in the
-    segment. Blocks are compacted in place from the start until one drops nothing; the gap left before it is
-    filled with entries from the segment's end (order inside a segment does not matter), so the work is
-    proportional to what is dropped, not to the segment (a dense 7% segment at 1M holds ~1,100 entries)."""
-    tl.debug_barrier()  # the segment was written by all threads of this program
-    k = tl.full([], 0, tl.int32)  # entries kept so far, compacted to [0, k)
-    s0 = tl.full([], 0, tl.int32)
-    dirty = n > 0
-    while dirty:
-        sl = s0 + tl.arange(0, BLOCK)
-        inr = sl < n
-        idx, zlo, zhi = _seg_load(idx_base, z_base, sl, inr, segcap, r, rmask, R, HI)
-        keep = (tl.sum((zhi > thr[:, None]).to(tl.int32), axis=0) > 0) & inr
-        ki = keep.to(tl.int32)
-        nk = tl.sum(ki)
-        dirty = nk < tl.minimum(n - s0, BLOCK)
-        if dirty:
-            slot = k + tl.cumsum(ki, 0) - 1  # ≤ sl: compacting in place never overtakes the reads
-            tl.debug_barrier()
-            _seg_store(idx_base, z_base, slot, keep, idx, zlo, zhi, segcap, r, rmask, R, HI)
-            k += nk
-            s0 += BLOCK
-            dirty = s0 < n
-    s0 = tl.minimum(s0, n)
-    m = tl.minimum(s0 - k, n - s0)  # entries moved from the end into the gap [k, s0)
-    tl.debug_barrier()
-    for c0 in range(0, m, BLOCK):
-        c = c0 + tl.arange(0, BLOCK)
-        inr = c < m
-        idx, zlo, zhi = _seg_load(idx_base, z_base, n - m + c, inr, segcap, r, rmask, R, HI)
-        _seg_store(idx_base, z_base, k + c, inr, idx, zlo, zhi, segcap, r, rmask, R, HI)
-    return n - (s0 - k)
 
 
 @triton.jit
@@ -343,7 +282,7 @@ def score_kernel(
             old = tl.atomic_max(gmax_ptr + bh64 * RP + r, runmax, mask=rmask)
             thr = tl.maximum(tl.where(rmask, old, NEG_INF), runmax)
             if cnt <= segcap:
-                cnt = _refilter(idx_base, zlo_base, cnt, segcap, thr - 1.0, r, rmask, R, SRC != 0, BLOCK_N)
+                cnt = refilter(idx_base, zlo_base, cnt, segcap, thr - 1.0, r, rmask, R, SRC != 0, BLOCK_N)
         tl.store(seg_cnt_ptr + seg, cnt)
         tl.store(seg_max_ptr + seg * RP + r, runmax)
         tl.store(last_ptr + seg, tl.max(lastv))
