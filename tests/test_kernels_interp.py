@@ -303,6 +303,28 @@ def test_topk_segments_hold_what_can_be_in_the_support():
     assert kept_total > 0
 
 
+@pytest.mark.parametrize("policy", ["dense", "certified", "topk"])
+def test_scratch_is_clean_for_the_next_call(policy):
+    """Two calls on one Scratch, the second with much lower scores: the first call's running maxima must be
+    gone (else the end-of-program filters drop the second call's support). The first call's short supports
+    take the one-program output, the second's flat rows the ticketed one; both leave ``gmax`` at −inf and
+    the tickets at 0."""
+    q, k, v = _inputs(1, 2, 2, 1, 128, 64, torch.float32, seed=2)
+    cfg = EntmaxKVConfig(
+        policy=policy, min_candidates=128, candidate_fraction=1.0, page_size=8, budget_pages=8
+    )
+    plan = make_plan(tuple(q.shape), tuple(k.shape), 64, cfg, 16, 16)
+    assert plan.nso > 1
+    site, sc = SiteBuffers(plan, q.device, k.dtype), Scratch(plan, q.device)
+    for mul, solo in ((1.0, True), (0.05, False)):
+        out = decode(plan, sc, site, q * mul, k, v, None, 0.25, 1.5, cfg)
+        ref, stats = decode_attention(q * mul, k, v, scale=0.25, alpha=1.5, config=cfg)
+        assert _err(out, ref) < 1e-5
+        assert site.support.tolist() == stats.support_size.flatten().tolist()
+        assert (site.support <= launch.OUT_SOLO).all() == solo
+        assert torch.isneginf(sc.gmax.view(plan.bh, plan.rp)[:, : plan.r]).all() and not sc.ticket.any()
+
+
 @pytest.mark.parametrize("policy,sketch", [("dense", "int8"), ("certified", "int4")])
 def test_long_splits_exchange_maxima_every_few_tiles(policy, sketch):
     """One program per group scanning 16–32 tiles: the shared running maximum is exchanged only every
