@@ -212,6 +212,15 @@ def test_sketch_bounds_contain_the_exact_scores(sketch, group, qmag):
     assert seen == plan.bh * s
 
 
+def test_auto_config_reaches_the_kernels_resolved():
+    """``make_plan`` and ``decode`` resolve ``auto`` themselves (a short cache: the dense pipeline)."""
+    q, k, v = _inputs(1, 2, 2, 1, 128, 64, torch.float32, seed=3)
+    out, site, config = _run("auto", q, k, v, None, 1.5)
+    plan = make_plan(tuple(q.shape), tuple(k.shape), 64, config, 8, 16)
+    assert plan.policy == "dense" and not hasattr(site, "codes") and not hasattr(site, "kmin")
+    assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=1.5)) < 1e-5
+
+
 @pytest.mark.parametrize("policy", ["dense", "certified"])
 def test_segments_end_filtered_by_the_final_maximum(policy):
     """Each program's peak sits in its last tile, so its early tiles keep background within 1 of a low

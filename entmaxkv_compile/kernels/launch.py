@@ -148,6 +148,7 @@ def make_plan(
     dim; int8 sketch tiles are ``Plan.block_sk``)."""
     b, hq, lq, d = q_shape
     hkv, s = k_shape[1], k_shape[2]
+    config = config.resolve(s)  # "auto" → the concrete policy for this cache length
     bh = b * hkv
     bn = block_n or (64 if d <= 128 else 32)
     nsplit = max(1, min(n_programs // bh, _cdiv(s, bn)))  # at most one wave: no straggler wave
@@ -403,6 +404,7 @@ def decode(
     ``q``, ``k``, ``v`` need a unit stride on their last dim; ``bias`` is fp32 ``[B|1,Hq|1,Lq|1,S]``.
     """
     p, sc = plan, scratch
+    config = config.resolve(k.shape[2])
     st = Step(p, q, k, v, bias, scale, alpha)
     if p.policy == "dense":
         _dense(st, sc, first=True)
