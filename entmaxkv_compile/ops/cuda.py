@@ -161,7 +161,6 @@ def decode_cuda(
     config: EntmaxKVConfig,
 ) -> Tensor | None:
     """One decode step on the GPU under ``config.policy``, or ``None`` when unsupported (reason logged)."""
-    config = config.resolve(k.shape[2])
     reason = unsupported_reason(q, k, v, bias, scale, config)
     if reason is not None:
         _skip(reason)
@@ -184,7 +183,6 @@ def decode_site(
 ) -> Tensor:
     """:func:`decode_cuda` without the support checks, on any device the kernels run on (the Triton
     interpreter runs them on CPU tensors); ``n_programs`` sizes the grids."""
-    config = config.resolve(k.shape[2])
     if q.stride(3) != 1:
         q = q.contiguous()
     if bias is not None and bias.dtype != torch.float32:
