@@ -25,17 +25,6 @@ def cvt(x, F32: tl.constexpr):
 
 
 @triton.jit
-def cvt_key(x, k_ptr, F32: tl.constexpr):
-    """A dequantised key sketch (fp32) as ``mm`` operand: rounded to the key dtype unless ``F32``
-    (``update_kernel`` measures the residual against exactly this rounding)."""
-    if not F32:
-        if k_ptr.dtype.element_ty == tl.float16:  # code·step may pass fp16 range; r covers the clamp
-            x = tl.minimum(tl.maximum(x, -65504.0), 65504.0)
-        x = x.to(k_ptr.dtype.element_ty)
-    return x
-
-
-@triton.jit
 def mm(a, b, F32: tl.constexpr):
     """``a @ b`` with fp32 accumulation (exact products for 16-bit operands)."""
     if F32:

@@ -117,13 +117,13 @@ class Plan:
 
     @property
     def packed(self) -> bool:
-        """The int8 sketch pass packs both query levels into one dot (one step per row, ``2·R ≤ RP``)."""
-        return self.sk == 1 and self.gs == self.d and 2 * self.r <= self.rp
+        """The sketch pass packs both int8 query levels into one dot per channel group (``2·R ≤ RP``)."""
+        return self.sk != 0 and 2 * self.r <= self.rp
 
     @property
     def block_sk(self) -> int:
-        """Tokens per sketch tile: twice the exact tile for the packed int8 pass (no spills at the register
-        cap; 1M 0.556 → 0.486 of SDPA)."""
+        """Tokens per sketch tile: twice the exact tile for a packed pass (no spills at the register cap;
+        int8 1M 0.556 → 0.486 of SDPA)."""
         return 2 * self.block_n if self.packed else self.block_n
 
     @property
@@ -242,9 +242,7 @@ class SiteBuffers:
         self.probe_rows = torch.zeros(p.bh * PROBES * p.d, dtype=key_dtype, device=dev)
         if p.sk:
             width = p.d if p.sk == 1 else p.d // 2
-            self.codes = torch.empty(
-                p.bh * p.s * width, dtype=torch.int8 if p.sk == 1 else torch.uint8, device=dev
-            )
+            self.codes = torch.empty(p.bh * p.s * width, dtype=torch.int8, device=dev)
             self.scales = torch.empty(p.bh * p.s * (p.d // p.gs), dtype=torch.float16, device=dev)
             self.res = torch.empty(p.bh * p.s, dtype=torch.float32, device=dev)
         if p.policy == "topk":
@@ -313,7 +311,7 @@ def _score(
         sc.mode, vend, *st.qkb(), p.hkv, p.s, p.s, p.split_len, p.segcap, st.zmul, st.bmul, want_mode,
         D=p.d, BLOCK_N=p.block_sk if sk else p.block_n, SRC=sk, GS=p.gs, PACK=bool(sk) and p.packed,
         KEEP=not ws, WRITE_WS=ws or (not sk and p.ws_inline), REFILTER=bool(sk) or p.s <= REFILTER_EXACT_MAX,
-        F32=st.f32, **st.common(), **st.bias_flags(),
+        ASM=not INTERPRET, F32=st.f32, **st.common(), **st.bias_flags(),
         **_score_launch(st, sk),
     )  # fmt: skip
 
@@ -382,7 +380,7 @@ def _update(st: Step, site: SiteBuffers, sc: Scratch) -> None:
     update_kernel[(p.bh, p.nsplit)](
         k, st.bias, site.wm, site.vend, sc.mode, *sk, site.kmin if box else k, site.kmax if box else k,
         k.stride(0), k.stride(1), k.stride(2), *st.bst, p.hkv, p.s, p.s, p.n_pages,
-        D=p.d, GS=p.gs, SK=p.sk, BOX=box, PS=p.ps, BT=32, BPG=max(1, 64 // p.ps), F32=st.f32,
+        D=p.d, GS=p.gs, SK=p.sk, BOX=box, PS=p.ps, BT=32, BPG=max(1, 64 // p.ps),
         **st.common(), **st.bias_flags(),
     )  # fmt: skip
 

@@ -11,9 +11,10 @@ dense workspace instead (the overflow fallback). ``cand_kernel`` turns a sketch 
 exact scores: it keeps the tokens whose upper bound beats ``τ_low`` (the threshold of the lower bounds,
 which is ≤ τ by monotonicity), gathers their exact key rows and compacts them in place.
 
-An int8 sketch with one step per key row (the default) is scored by int8 tensor-core dots on the codes as
-loaded: the query is split into two int8 levels once per program, and what those leave (``‖e‖₁·127·step``
-per token) widens the bound. Grouped steps dequantise each tile to the key dtype for one 16-bit dot.
+Sketches are scored by int8 tensor-core dots on the codes as loaded (int4 nibbles unpacked to int8 in
+registers), one dot per channel group of ``GS`` (scaled by the group's step after the dot, exact): the query
+is split into two int8 levels per group once per program, and what those leave (``‖e‖₁·CMAX·step`` per
+token, ``CMAX`` = 127 or 7) widens the bound.
 """
 
 from __future__ import annotations
@@ -21,15 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, cvt, cvt_key, group_rows, load_bias, load_q, mm, refilter
-
-
-@triton.jit
-def _dequant(codes, step, BLOCK_N: tl.constexpr, W: tl.constexpr, GS: tl.constexpr):
-    """``k̂ = code·step`` ``[BLOCK_N, W]`` (fp32) from codes ``[BLOCK_N, W]`` and the fp16 steps
-    ``[BLOCK_N, W/GS]`` of their channel groups."""
-    kh = tl.reshape(codes.to(tl.float32), [BLOCK_N, W // GS, GS]) * step.to(tl.float32)[:, :, None]
-    return tl.reshape(kh, [BLOCK_N, W])
+from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, refilter
 
 
 @triton.jit
@@ -46,24 +39,133 @@ def _qstep(amax):
 
 
 @triton.jit
-def _qlevels(qf, amax, zmul, D: tl.constexpr):
-    """Two int8 levels of the query rows ``qf`` (``amax = max|qf|`` per row), ``qf = s1·c1 + s2·c2 + e``, and
-    the bound term per unit step ``(α−1)·scale·127·‖e‖₁`` plus a slack (``D·max|q|·2⁻²⁰``) covering the fp32
-    rounding of ``e`` and of the combination (``|e·k̂| ≤ ‖e‖₁·127·step``)."""
+def _qlevels(qf, zmul, GS: tl.constexpr, CMAX: tl.constexpr):
+    """Two int8 levels of the query rows ``qf`` (one channel group, zero elsewhere), ``qf = s1·c1 + s2·c2 +
+    e``, and the bound term per unit step ``(α−1)·scale·CMAX·‖e‖₁`` (``CMAX`` the largest code magnitude)
+    plus a slack (``GS·max|q|·2⁻¹⁹``) covering the fp32 rounding of ``e`` and of the combination."""
+    amax = tl.max(tl.abs(qf), axis=1)
     s1 = _qstep(amax)
     c1, e = _qcode(qf, s1)
     s2 = _qstep(tl.max(tl.abs(e), axis=1))
     c2, e = _qcode(e, s2)
-    qerr = zmul * 127.0 * (tl.sum(tl.abs(e), axis=1) + D * amax * 9.5367431640625e-07)
+    qerr = zmul * CMAX * (tl.sum(tl.abs(e), axis=1) + GS * amax * 1.9073486328125e-06)
     return s1, c1, s2, c2, qerr
 
 
 @triton.jit
-def _idot(c1, c2, s1, s2, codes):
-    """``(s1·c1 + s2·c2) · codesᵀ`` ``[RP, N]`` (fp32) from two exact int8 tensor-core products."""
-    a1 = tl.dot(c1, tl.trans(codes), out_dtype=tl.int32).to(tl.float32)
-    a2 = tl.dot(c2, tl.trans(codes), out_dtype=tl.int32).to(tl.float32)
-    return a1 * s1[:, None] + a2 * s2[:, None]
+def _qenc(
+    q_ptr,
+    b,
+    kvh,
+    sqb,
+    sqh,
+    sql,
+    zmul,
+    G: tl.constexpr,
+    LQ: tl.constexpr,
+    R: tl.constexpr,
+    RS: tl.constexpr,
+    RP: tl.constexpr,
+    D: tl.constexpr,
+    W: tl.constexpr,
+    GS: tl.constexpr,
+    CW: tl.constexpr,
+    CMAX: tl.constexpr,
+    UNIT: tl.constexpr,
+    PACK: tl.constexpr,
+):
+    """The query rows as int8 levels per channel group ``g`` (channels ``[g·GS, (g+1)·GS)``), each
+    ``[RP, CW]`` over the code chunk that holds the group (zero outside it), and the summed bound terms.
+
+    ``PACK``: rows ``i`` and ``RS + i`` both hold query row ``i``, level 1 in the first and level 2 in the
+    second, so one dot yields both (``ca``, ``sa``; ``cb``, ``sb`` repeat them); else ``(c1, s1, c2, s2)``.
+    The scales are divided by ``UNIT``, the factor the dot's operand carries (int4 nibbles are read as
+    ``16·code``: a power of two, exact)."""
+    rf = tl.arange(0, RP)
+    rr = rf % RS
+    col = tl.arange(0, CW)
+    cas = ()
+    sas = ()
+    cbs = ()
+    sbs = ()
+    qerr = tl.zeros([RS], tl.float32)
+    for g in tl.static_range(D // GS):
+        c0 = (g * GS) // W * W + (g * GS) % W // CW * CW  # first channel of the group's chunk
+        sub = (g * GS) % CW
+        qd = load_q(q_ptr + c0, b, kvh * G + rr // LQ, rr % LQ, rr < R, sqb, sqh, sql, CW).to(tl.float32)
+        qd = tl.where(((col >= sub) & (col < sub + GS))[None, :], qd, 0.0)
+        s1, c1, s2, c2, qe = _qlevels(qd, zmul, GS, CMAX)
+        s1 = s1 * (1.0 / UNIT)
+        s2 = s2 * (1.0 / UNIT)
+        if PACK:
+            ca = tl.where((rf < RS)[:, None], c1, c2)
+            sa = tl.where(rf < RS, s1, s2)
+            qe, _ = tl.split(tl.permute(tl.reshape(qe, [2, RS]), (1, 0)))
+            cas += (ca,)
+            sas += (sa,)
+            cbs += (ca,)
+            sbs += (sa,)
+        else:
+            cas += (c1,)
+            sas += (s1,)
+            cbs += (c2,)
+            sbs += (s2,)
+        qerr += qe
+    return cas, sas, cbs, sbs, qerr
+
+
+@triton.jit
+def _gdot(ca, sa, cb, sb, codes, RS: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr):
+    """``q̂ · codesᵀ`` ``[RS, N]`` (fp32) for one channel group from exact int8 tensor-core products."""
+    a = tl.dot(ca, tl.trans(codes), out_dtype=tl.int32).to(tl.float32) * sa[:, None]
+    if PACK:
+        a1, a2 = tl.split(tl.permute(tl.reshape(a, [2, RS, BLOCK_N]), (1, 2, 0)))
+        out = a1 + a2
+    else:
+        out = a + tl.dot(cb, tl.trans(codes), out_dtype=tl.int32).to(tl.float32) * sb[:, None]
+    return out
+
+
+@triton.jit
+def _group_score(
+    qca,
+    qsa,
+    qcb,
+    qsb,
+    g: tl.constexpr,
+    codes,
+    stepf,
+    RS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NGT: tl.constexpr,
+    PACK: tl.constexpr,
+):
+    """Channel group ``g``'s part of ``q·k̂`` ``[RS, N]``: its int8 dot with the codes ``[N, CW]`` of its
+    chunk, times its steps (column ``g`` of ``stepf [N, NGT]``)."""
+    if NGT == 1:
+        step = tl.reshape(stepf, [BLOCK_N])
+    else:
+        step = tl.sum(tl.where((tl.arange(0, NGT) == g)[None, :], stepf, 0.0), axis=1)
+    return _gdot(qca[g], qsa[g], qcb[g], qsb[g], codes, RS, BLOCK_N, PACK) * step[None, :]
+
+
+@triton.jit
+def _nibbles(x, ASM: tl.constexpr):
+    """``(x << 4, x & −16)`` of int8 ``x`` (two's complement nibbles: 16·code each), on whole 32-bit words
+    with ``ASM`` (3 instructions per 4 bytes where byte-wise code takes ~20)."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            "shl.b32 $0, $2, 4; and.b32 $0, $0, 0xF0F0F0F0; and.b32 $1, $2, 0xF0F0F0F0;",
+            "=r,=r,r",
+            [x],
+            dtype=(tl.int8, tl.int8),
+            is_pure=True,
+            pack=4,
+        )
+    else:
+        lo = x << 4
+        hi = x & -16
+    return lo, hi
 
 
 @triton.jit
@@ -126,6 +228,7 @@ def score_kernel(
     SYNC: tl.constexpr,
     PACK: tl.constexpr,
     REFILTER: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -136,17 +239,13 @@ def score_kernel(
         b = bh // Hkv
         kvh = bh % Hkv
         bh64 = bh.to(tl.int64)
-        # PACK (Plan.packed: int8, one step per row, 2R ≤ RP): both int8 query levels share one dot (level 1
-        # in rows [0, RS), level 2 in rows [RS, RP), summed in registers); bounds on RS rows.
+        # PACK (Plan.packed: 2R ≤ RP): both int8 query levels share one dot (level 1 in rows [0, RS), level 2
+        # in rows [RS, RP), summed in registers); bounds on RS rows.
         RS: tl.constexpr = RP // 2 if PACK else RP
         r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RS)
         bias_base = bias_ptr + b.to(tl.int64) * sbb
-        if SRC == 2:  # int4: channel j in the low nibble of byte j, channel j + D/2 in the high one
-            qc = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D // 2), F32)
-            qc_hi = cvt(load_q(q_ptr + D // 2, b, hq, qp, rmask, sqb, sqh, sql, D // 2), F32)
-        else:
-            qc = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
         if SRC == 0:
+            qc = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
             k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
             d = tl.arange(0, D)
         else:
@@ -154,22 +253,34 @@ def score_kernel(
             amax = tl.max(tl.abs(qf), axis=1)
             qs = qf / tl.where(amax > 0, amax, 1.0)[:, None]  # ‖q‖₂ = max|q|·‖q/max|q|‖₂: no under/overflow
             emul = zmul * amax * tl.sqrt(tl.sum(qs * qs, axis=1))  # (α−1)·scale·‖q‖₂ per row
+            # Codes are read in chunks of CW bytes (int4: channel j in the low nibble of byte j, channel
+            # j + D/2 in the high one) and scored per channel group by int8 dots, q = s1·c1 + s2·c2 + e with
+            # int8 c1, c2 per group; the e term (qerr per unit step) joins the bound.
             W: tl.constexpr = D if SRC == 1 else D // 2
             NGT: tl.constexpr = D // GS
-            if SRC == 1 and W == GS:  # one step per row: int8 dots on the codes as loaded
-                # q = s1·c1 + s2·c2 + e with int8 c1, c2; the e term (qerr per unit step) joins the bound
-                if PACK:  # rows i and RS + i both hold query row i: level 1 from the first, level 2 from the
-                    # second, and the bound term from the first — one decomposition, so codes and bound agree
-                    rf = tl.arange(0, RP)
-                    rr = rf % RS
-                    qd = load_q(q_ptr, b, kvh * G + rr // LQ, rr % LQ, rr < R, sqb, sqh, sql, D)
-                    qd = qd.to(tl.float32)
-                    t1, d1, t2, d2, qe = _qlevels(qd, tl.max(tl.abs(qd), axis=1), zmul, D)
-                    cq = tl.where((rf < RS)[:, None], d1, d2)
-                    sq = tl.where(rf < RS, t1, t2)
-                    qerr, _ = tl.split(tl.permute(tl.reshape(qe, [2, RS]), (1, 0)))
-                else:
-                    s1, c1, s2, c2, qerr = _qlevels(qf, amax, zmul, D)
+            CW: tl.constexpr = GS if GS >= 32 else 32  # int8 dots take K ≥ 32
+            CMAX: tl.constexpr = 127 if SRC == 1 else 7
+            qca, qsa, qcb, qsb, qerr = _qenc(
+                q_ptr,
+                b,
+                kvh,
+                sqb,
+                sqh,
+                sql,
+                zmul,
+                G,
+                LQ,
+                R,
+                RS,
+                RP,
+                D,
+                W,
+                GS,
+                CW,
+                CMAX,
+                16 if SRC == 2 else 1,
+                PACK,
+            )
             code_base = code_ptr + bh64 * sk_cap * W
             scale_base = scale_ptr + bh64 * sk_cap * NGT
             res_base = res_ptr + bh64 * sk_cap
@@ -210,46 +321,41 @@ def score_kernel(
             else:
                 steps, res = steps_nxt, res_nxt
                 steps_nxt, res_nxt = _sketch_meta(scale_base, res_base, nxt, nxt < end, NGT)
+                stepf = steps.to(tl.float32)
                 p64 = pos.to(tl.int64)
-                codes = tl.load(
-                    code_base + p64[:, None] * W + tl.arange(0, W)[None, :], mask=inr[:, None], other=0
-                )
-                if SRC == 2:
-                    packed = codes.to(tl.int32)
-                    clo = (packed & 15) - 8
-                    chi = (packed >> 4) - 8
-                if W == GS:  # one step per row (per half for int4): scaled after the dot
-                    if SRC == 1:
-                        step = tl.reshape(steps, [BLOCK_N]).to(tl.float32)
-                        if PACK:
-                            a = tl.dot(cq, tl.trans(codes), out_dtype=tl.int32).to(tl.float32) * sq[:, None]
-                            a1, a2 = tl.split(tl.permute(tl.reshape(a, [2, RS, BLOCK_N]), (1, 2, 0)))
-                            qk = (a1 + a2) * step[None, :]
-                        else:
-                            qk = _idot(c1, c2, s1, s2, codes) * step[None, :]
-                        qeps = qerr[:, None] * step[None, :]
-                    else:
-                        s_lo, s_hi = tl.split(steps)
-                        qk = mm(qc, tl.trans(clo.to(qc.dtype)), F32) * s_lo.to(tl.float32)[None, :]
-                        qk += mm(qc_hi, tl.trans(chi.to(qc.dtype)), F32) * s_hi.to(tl.float32)[None, :]
-                elif SRC == 1:  # several steps per row: dequantised to the key dtype (the reconstruction
-                    # update_kernel measured the residual against) so that one dot scores every group
-                    kh = _dequant(codes, steps, BLOCK_N, D, GS)
-                    qk = mm(qc, tl.trans(cvt_key(kh, k_ptr, F32)), F32)
-                else:
-                    s_lo, s_hi = tl.split(tl.permute(tl.reshape(steps, [BLOCK_N, 2, NGT // 2]), (0, 2, 1)))
-                    klo = _dequant(clo, s_lo, BLOCK_N, D // 2, GS)
-                    khi = _dequant(chi, s_hi, BLOCK_N, D // 2, GS)
-                    qk = mm(qc, tl.trans(cvt_key(klo, k_ptr, F32)), F32)
-                    qk += mm(qc_hi, tl.trans(cvt_key(khi, k_ptr, F32)), F32)
+                for c in tl.static_range(W // CW):
+                    x = tl.load(
+                        code_base + p64[:, None] * W + c * CW + tl.arange(0, CW)[None, :],
+                        mask=inr[:, None],
+                        other=0,
+                    )
+                    if SRC == 2:  # 16·code of the low nibbles and of the high ones
+                        x_lo, x_hi = _nibbles(x, ASM)
+                    for h in tl.static_range(SRC):
+                        y = x if SRC == 1 else (x_lo if h == 0 else x_hi)
+                        for j in tl.static_range(CW // GS):
+                            g_part = _group_score(
+                                qca,
+                                qsa,
+                                qcb,
+                                qsb,
+                                h * (W // GS) + c * (CW // GS) + j,
+                                y,
+                                stepf,
+                                RS,
+                                BLOCK_N,
+                                NGT,
+                                PACK,
+                            )
+                            if h + c + j == 0:
+                                qk = g_part
+                            else:
+                                qk += g_part
+                qeps = qerr[:, None] * tl.max(stepf, axis=1)[None, :]  # Σ_g ‖e_g‖₁·CMAX·step_g ≤ this
                 live = bias > NEG_INF  # the sketch of a masked position may be anything, even NaN
                 zc = qk * zmul + bias * bmul
-                if SRC == 1 and W == GS:
-                    zc_lo = zc - qeps
-                    zc_hi = zc + qeps
-                else:
-                    zc_lo = zc
-                    zc_hi = zc
+                zc_lo = zc - qeps
+                zc_hi = zc + qeps
                 # fma onto the dot's tile: the residual term is formed in the dot's layout (a separate product
                 # would be formed in the loads' layout and the whole tile converted through shared memory)
                 zlo = tl.where(live, tl.fma(-emul[:, None], res[None, :], zc_lo), NEG_INF)
