@@ -25,6 +25,43 @@ from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, refilter
 
 
 @triton.jit
+def _bias_raw(
+    bias_base, hq, qp, rmask, pos, tm, sbh, sbl, sbs, HAS_BIAS: tl.constexpr, BIAS_ROWS: tl.constexpr
+):
+    """The bias at positions ``pos`` as loaded: ``[RP, N]`` for per-row biases, else one vector ``[N]`` (0
+    without a bias), −inf where masked or out of range."""
+    if HAS_BIAS and BIAS_ROWS != 1:
+        raw = load_bias(bias_base, hq, qp, rmask, pos, tm, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
+    elif HAS_BIAS:
+        raw = tl.load(bias_base + pos.to(tl.int64) * sbs, mask=tm, other=NEG_INF)
+    else:
+        raw = tl.where(tm, 0.0, NEG_INF)
+    return raw
+
+
+@triton.jit
+def _bias_pages(
+    raw,
+    pos,
+    rmask,
+    RP: tl.constexpr,
+    BP: tl.constexpr,
+    PS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BIAS_ROWS: tl.constexpr,
+):
+    """Per row and page the largest bias ``[RP, BP]`` of ``_bias_raw``'s tile, and one past its last valid
+    position (0: none). A shared bias is reduced once, as a vector."""
+    if HAS_BIAS and BIAS_ROWS != 1:
+        bmax = tl.max(tl.reshape(raw, [RP, BP, PS]), axis=2)
+        valid = tl.max(raw, axis=0) > NEG_INF
+    else:
+        bmax = tl.where(rmask[:, None], tl.max(tl.reshape(raw, [BP, PS]), axis=1)[None, :], NEG_INF)
+        valid = raw > NEG_INF
+    return bmax, tl.max(tl.where(valid, pos + 1, 0))
+
+
+@triton.jit
 def page_score_kernel(
     q_ptr,
     kmin_ptr,
@@ -76,13 +113,21 @@ def page_score_kernel(
     j = tl.arange(0, BP * PS)
     p_start = sp * pages_per_split
     p_end = tl.minimum(p_start + pages_per_split, n_pages)
+    t_end = tl.minimum(p_end * PS, S)
     last = tl.full([], 0, tl.int32)
+    # the bias is loaded a tile ahead by hand (too narrow a load for async copies: no tile waits on it)
+    nxt = p_start * PS + j
+    bias_nxt = _bias_raw(bias_base, hq, qp, rmask, nxt, nxt < t_end, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
     for p0 in range(p_start, p_end, BP):
         pg = p0 + tl.arange(0, BP)
         pm = pg < p_end
         off = (bh64 * pcap + pg)[:, None] * D + d[None, :]
         kmn = cvt(tl.load(kmin_ptr + off, mask=pm[:, None], other=0.0), F32)
         kmx = cvt(tl.load(kmax_ptr + off, mask=pm[:, None], other=0.0), F32)
+        pos = p0 * PS + j
+        bias = bias_nxt
+        nxt = pos + BP * PS
+        bias_nxt = _bias_raw(bias_base, hq, qp, rmask, nxt, nxt < t_end, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
         empty = tl.max((kmn > kmx).to(tl.int32), axis=1) > 0
         kmn = tl.where(empty[:, None], 0.0, kmn).to(kmn.dtype)
         kmx = tl.where(empty[:, None], 0.0, kmx).to(kmx.dtype)
@@ -92,14 +137,11 @@ def page_score_kernel(
             + mm(q_neg, tl.trans(kmn), F32)
             + slack * mm(q_abs, tl.trans(kabs), F32)
         )
-        pos = p0 * PS + j
-        tm = pos < tl.minimum(p_end * PS, S)
-        bias = load_bias(bias_base, hq, qp, rmask, pos, tm, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
-        bmax = tl.max(tl.reshape(bias, [RP, BP, PS]), axis=2)
+        bmax, tlast = _bias_pages(bias, pos, rmask, RP, BP, PS, HAS_BIAS, BIAS_ROWS)
         live = (bmax > NEG_INF) & (empty == 0)[None, :]
         u = tl.where(live, box * zmul + bmax * bmul, NEG_INF)
         tl.store(pscore_ptr + bh64 * pcap + pg, tl.max(u, axis=0), mask=pm)
-        last = tl.maximum(last, tl.max(tl.where(tl.max(bias, axis=0) > NEG_INF, pos + 1, 0)))
+        last = tl.maximum(last, tlast)
     tl.store(last_ptr + bh64 * tl.num_programs(1) + sp, last)
 
 
