@@ -318,8 +318,8 @@ def test_topk_segments_hold_what_can_be_in_the_support():
 def test_scratch_is_clean_for_the_next_call(policy):
     """Two calls on one Scratch, the second with much lower scores: the first call's running maxima must be
     gone (else the end-of-program filters drop the second call's support). The first call's short supports
-    take the one-program output, the second's flat rows the ticketed one; both leave ``gmax`` at −inf and
-    the tickets at 0."""
+    take the one-program output, the second's flat rows the ticketed one; both leave ``gmax`` at −inf, the
+    tickets at 0 and the top-k selection's histograms at 0."""
     q, k, v = _inputs(1, 2, 2, 1, 128, 64, torch.float32, seed=2)
     cfg = EntmaxKVConfig(
         policy=policy, min_candidates=128, candidate_fraction=1.0, page_size=8, budget_pages=8
@@ -334,6 +334,8 @@ def test_scratch_is_clean_for_the_next_call(policy):
         assert site.support.tolist() == stats.support_size.flatten().tolist()
         assert (site.support <= launch.OUT_SOLO).all() == solo
         assert torch.isneginf(sc.gmax.view(plan.bh, plan.rp)[:, : plan.r]).all() and not sc.ticket.any()
+        if policy == "topk":  # the page scoring adds the next call's first selection round onto zeros
+            assert not sc.sel_hist.any()
 
 
 @pytest.mark.parametrize("policy,sketch", [("dense", "int8"), ("certified", "int4")])

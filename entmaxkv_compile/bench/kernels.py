@@ -119,13 +119,21 @@ def _time(fn, reps: int, warmup: int, flush: Tensor | None) -> float:
 
 
 def _kernel_times(fn, calls: int = 5) -> dict[str, float]:
-    """Mean device time per call of each kernel ``fn`` launches, in µs."""
+    """Mean device time per call of each kernel ``fn`` launches, in µs (without programmatic dependent
+    launch: a kernel launched early would count its wait for the previous one as its own time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
+    from ..kernels import launch
+
+    launch.PDL = False
+    try:
+        fn()  # compiles the kernels without PDL outside the profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+    finally:
+        launch.PDL = True
     return {e.key: e.device_time_total / calls for e in prof.key_averages() if e.device_time_total > 0}
 
 

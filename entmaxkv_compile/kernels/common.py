@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 NEG_INF = tl.constexpr(float("-inf"))
 SOLVE_SMALL = tl.constexpr(512)  # lists up to this long are solved on a small register block
@@ -222,3 +223,12 @@ def refilter(
         idx, zlo, zhi = _seg_load(idx_base, z_base, n - m + c, inr, segcap, r, rmask, R, HI)
         _seg_store(idx_base, z_base, k + c, inr, idx, zlo, zhi, segcap, r, rmask, R, HI)
     return n - (s0 - k)
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """Programmatic dependent launch: wait until the previous kernel's writes are visible, then let the next
+    kernel's programs launch (they wait here likewise), so launches overlap their predecessors' tails."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()

@@ -16,6 +16,7 @@ Pipelines (each launch early-exits for groups in another mode):
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -44,10 +45,12 @@ PROBES = 8  # key rows per KV group re-read every step, so a rewritten cache (ne
 # groups of ≤ 16 rows, head dim 64–256, every sketch): 4 programs per SM, so a grid of 4·SMs programs is one
 # wave (ops/cuda.py's PROGRAMS_PER_SM). fp32 keys and larger groups would spill under the cap: run uncapped.
 SCORE_MAXNREG = 128
-# Tiles between exchanges of the running maxima (score_kernel's SYNC): sketch passes exchange more often, as a
-# late maximum lets their looser bounds overflow the segments (int4, 128K: 7 of 8 groups went dense at 8).
+# Tiles between exchanges of the running maxima (score_kernel's SYNC; exact tiles are Plan.block_n tokens,
+# sketch tiles Plan.block_sk): sketch passes exchange more often, as a late maximum lets their looser bounds
+# overflow the segments — int4 every 256 tokens (128K: 7 of 8 groups went dense at 512 tokens of 64-token
+# tiles, 4 of 8 at 512 tokens of 128-token tiles), int8 every 512.
 SYNC_EXACT = 8
-SYNC_SKETCH = 4
+SYNC_SKETCH = {1: 4, 2: 2}
 # Up to this cache capacity the exact scoring pass also writes the dense workspace (R·4 bytes per token
 # against D·2 of K: ~6% more traffic at R = 4; only where it is ≤ 1/8 of K), which saves the two workspace
 # launches on every step.
@@ -56,6 +59,27 @@ WS_INLINE_MAX = 65536
 # REFILTER): sketch passes always; exact passes up to this capacity — beyond it the extra code in the tile
 # loop costs more than the shorter solve saves (1M dense 0.612 → 0.615 of SDPA, 128K 0.83 → 0.78).
 REFILTER_EXACT_MAX = 262144
+# Programmatic dependent launch where the GPU has it (sm_90+; see _pdl). The benchmark's --profile pass turns
+# it off: a kernel launched early would count its wait for the predecessor as its own device time.
+PDL = True
+# Pages per page-scoring tile and that kernel's pipeline depth (1M, 1/64: 193 µs at 16 pages and 3 stages →
+# 123 µs at 32 and 2; 64 pages were slower at 1M, faster at 32K).
+PAGE_TILE = 32
+PAGE_STAGES = 2
+
+
+@functools.lru_cache
+def _pdl(device: torch.device, enabled: bool) -> dict:
+    """Launch options for programmatic dependent launch: every kernel of a step waits for its predecessor at
+    its first instruction and lets its successor launch at once, so each launch and prologue overlaps the
+    previous kernel's tail (32K dense step −1.5 µs, 128K −3 µs; captured into CUDA graphs like any launch)."""
+    on = (
+        enabled
+        and not INTERPRET
+        and device.type == "cuda"
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 def _p2(n: int) -> int:
@@ -168,7 +192,7 @@ def make_plan(
     gs = max(16, min(config.group_size(d), d if sk == 1 else d // 2))
     ps = config.page_size
     n_pages = _cdiv(s, ps)
-    bp = 16
+    bp = PAGE_TILE
     nsplit_p = max(1, min(_cdiv(n_programs, bh), _cdiv(n_pages, bp)))
     pages_per_split = _cdiv(_cdiv(n_pages, nsplit_p), bp) * bp
     nsplit_p = _cdiv(n_pages, pages_per_split)
@@ -220,7 +244,8 @@ class Scratch:
             self.sel = torch.empty(p.bh * p.sel_cap, dtype=i32, device=dev)
             self.nsel = torch.zeros(p.bh, dtype=i32, device=dev)
             self.sel_hist = torch.zeros(p.bh * 4 * 256, dtype=i32, device=dev)
-            self.sel_cnt = torch.zeros(p.bh * p.nsplit_p * 2, dtype=i32, device=dev)
+            self.sel_ties = torch.zeros(p.bh * p.nsplit_p * 256, dtype=i32, device=dev)
+            self.sel_cnt = torch.zeros(p.bh * p.nsplit_p, dtype=i32, device=dev)
 
 
 class SiteBuffers:
@@ -269,6 +294,7 @@ class Step:
         self.q, self.k, self.v = q, k, v
         self.bias, self.bst, self.bias_rows = _bias_args(bias, q)
         self.has_bias = bias is not None
+        self.pdl = _pdl(q.device, PDL)
         self.zmul = (alpha - 1.0) * scale
         self.bmul = alpha - 1.0
         self.beta = 1.0 / (alpha - 1.0)
@@ -290,7 +316,7 @@ class Step:
 
 def _score_launch(st: Step, sk: int) -> dict:
     capped = not (INTERPRET or st.f32) and st.p.rp <= 16
-    launch = {"num_warps": 4, "SYNC": SYNC_SKETCH if sk else SYNC_EXACT}
+    launch = {"num_warps": 4, "SYNC": SYNC_SKETCH[sk] if sk else SYNC_EXACT}
     return {**launch, "maxnreg": SCORE_MAXNREG} if capped else launch
 
 
@@ -311,7 +337,7 @@ def _score(
         sc.mode, vend, *st.qkb(), p.hkv, p.s, p.s, p.split_len, p.segcap, st.zmul, st.bmul, want_mode,
         D=p.d, BLOCK_N=p.block_sk if sk else p.block_n, SRC=sk, GS=p.gs, PACK=bool(sk) and p.packed,
         KEEP=not ws, WRITE_WS=ws or (not sk and p.ws_inline), REFILTER=bool(sk) or p.s <= REFILTER_EXACT_MAX,
-        ASM=not INTERPRET, F32=st.f32, **st.common(), **st.bias_flags(),
+        ASM=not INTERPRET, F32=st.f32, **st.pdl, **st.common(), **st.bias_flags(),
         **_score_launch(st, sk),
     )  # fmt: skip
 
@@ -339,7 +365,7 @@ def _solve(
         cand if cand is not None else sc.list_n, sc.last, nlast, min_ctx, p.s, nseg, segcap, p.cap2, capc,
         st.beta, want_mode, ovf_mode, R=p.r, RP=p.rp, NSEG_P2=nseg_p2, SB=max(16, 2048 // nseg_p2),
         BLOCK=SOLVE_BLOCK, FROM_WS=from_ws, COUNT_CAND=cand is not None, MODE=st.mode, MAXIT=MAXIT,
-        NL_P2=_p2(max(nlast, 1)), WS_INLINE=ws_inline, SUPPORT_ONLY=tau is sc.tau, num_warps=8,
+        NL_P2=_p2(max(nlast, 1)), WS_INLINE=ws_inline, SUPPORT_ONLY=tau is sc.tau, num_warps=8, **st.pdl,
     )  # fmt: skip
 
 
@@ -360,7 +386,7 @@ def _output(st: Step, sc: Scratch, site: SiteBuffers, nlast: int) -> None:
         sc.ticket, sc.gmax, site.support, site.mode, site.wm, sc.last, v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2), p.hkv, p.s, p.cap2, st.beta, nlast,
         DV=p.dv, BLOCK=OUT_BLOCK, SCAN=OUT_SCAN, NSO_P2=_p2(p.nso), NL_P2=_p2(max(nlast, 1)), MODE=st.mode,
-        HAS_WM=nlast > 0, SOLO=OUT_SOLO, **st.common(),
+        HAS_WM=nlast > 0, SOLO=OUT_SOLO, **st.common(), **st.pdl,
     )  # fmt: skip
 
 
@@ -368,7 +394,7 @@ def _probe(st: Step, site: SiteBuffers, record: bool) -> None:
     k = st.k
     probe_kernel[(st.p.bh,)](
         k, site.wm, site.probe_pos, site.probe_rows, k.stride(0), k.stride(1), k.stride(2), st.p.hkv,
-        D=st.p.d, P=PROBES, RECORD=record,
+        D=st.p.d, P=PROBES, RECORD=record, **st.pdl,
     )  # fmt: skip
 
 
@@ -381,7 +407,7 @@ def _update(st: Step, site: SiteBuffers, sc: Scratch) -> None:
         k, st.bias, site.wm, site.vend, sc.mode, *sk, site.kmin if box else k, site.kmax if box else k,
         k.stride(0), k.stride(1), k.stride(2), *st.bst, p.hkv, p.s, p.s, p.n_pages,
         D=p.d, GS=p.gs, SK=p.sk, BOX=box, PS=p.ps, BT=32, BPG=max(1, 64 // p.ps),
-        **st.common(), **st.bias_flags(),
+        **st.common(), **st.bias_flags(), **st.pdl,
     )  # fmt: skip
 
 
@@ -415,7 +441,7 @@ def decode(
         cand_kernel[(p.bh, p.nsplit)](
             q, k, st.bias, sc.seg_idx, sc.seg_z, sc.seg_cnt, sc.seg_max, sc.tau_low, sc.mode, *st.qkb(),
             p.hkv, p.segcap, st.zmul, st.bmul, D=p.d, BLOCK_N=p.block_n, F32=st.f32,
-            **st.common(), **st.bias_flags(),
+            **st.common(), **st.bias_flags(), **st.pdl,
         )  # fmt: skip
         _solve(st, sc, 0, 1, sc.tau, capc=p.capc, cand=site.candidates)
         nlast = p.nsplit
@@ -423,26 +449,26 @@ def decode(
         page_score_kernel[(p.bh, p.nsplit_p)](
             q, site.kmin, site.kmax, st.bias, sc.pscore, sc.last, sc.sel_hist, q.stride(0), q.stride(1),
             q.stride(2), *st.bst, p.hkv, p.s, p.n_pages, p.n_pages, p.pages_per_split, st.zmul, st.bmul,
-            2.0 * (2 * p.d + 4) * 2.0**-24, D=p.d, PS=p.ps, BP=p.bp, F32=st.f32,
-            **st.common(), **st.bias_flags(),
+            2.0 * (2 * p.d + 4) * 2.0**-24, D=p.d, PS=p.ps, BP=p.bp, F32=st.f32, HB=SELECT_BLOCK,
+            num_stages=PAGE_STAGES, **st.common(), **st.bias_flags(), **st.pdl,
         )  # fmt: skip
-        sel_args = (sc.pscore, sc.last, sc.sel_hist)
+        sel_args = (sc.pscore, sc.last, sc.sel_hist, sc.sel_ties)
         sizes = (p.n_pages, p.n_pages)
-        for rnd in range(4):
+        for rnd in range(1, 4):
             select_hist_kernel[(p.bh, p.nsplit_p)](
                 *sel_args, *sizes, p.nsplit_p, config.budget_pages, config.min_context, p.pages_per_split,
-                RND=rnd, BLOCK=SELECT_BLOCK, NL_P2=_p2(p.nsplit_p),
+                RND=rnd, BLOCK=SELECT_BLOCK, NL_P2=_p2(p.nsplit_p), **st.pdl,
             )  # fmt: skip
-        for pas in range(3):
+        for pas in range(2):
             select_take_kernel[(p.bh, p.nsplit_p)](
                 *sel_args, sc.sel_cnt, sc.sel, sc.nsel, sc.mode, *sizes, p.sel_cap, p.nsplit_p,
                 config.budget_pages, config.sink_pages, config.recent_pages, config.min_context,
-                p.pages_per_split, PS=p.ps, PASS=pas, BLOCK=SELECT_BLOCK, NL_P2=_p2(p.nsplit_p),
+                p.pages_per_split, PS=p.ps, PASS=pas, BLOCK=SELECT_BLOCK, NL_P2=_p2(p.nsplit_p), **st.pdl,
             )  # fmt: skip
         page_gather_kernel[(p.bh, p.nsplit_t)](
             q, k, st.bias, sc.sel, sc.nsel, sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, sc.gmax,
-            *st.qkb(), p.hkv, p.s, p.sel_cap, p.segcap_t, st.zmul, st.bmul, D=p.d, PS=p.ps,
-            BPG=max(1, 64 // p.ps), F32=st.f32, **st.common(), **st.bias_flags(),
+            sc.sel_hist, *st.qkb(), p.hkv, p.s, p.sel_cap, p.segcap_t, st.zmul, st.bmul, D=p.d, PS=p.ps,
+            BPG=max(1, 64 // p.ps), F32=st.f32, **st.common(), **st.bias_flags(), **st.pdl,
         )  # fmt: skip
         segs = (sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, p.nsplit_t, p.segcap_t)
         _solve(st, sc, 0, 1, sc.tau, segs=segs)

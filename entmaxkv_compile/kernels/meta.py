@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, group_rows, load_bias
+from .common import NEG_INF, group_rows, load_bias, pdl_enter
 
 
 @triton.jit
@@ -72,10 +72,12 @@ def probe_kernel(
     D: tl.constexpr,
     P: tl.constexpr,
     RECORD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """``RECORD`` 0 (before the update): force a rebuild (``wm = −1``) where a recorded key row changed
     (NaN keys: always). ``RECORD`` 1 (after the output kernel advanced ``wm``): record the rows at ``P``
     positions spread over ``[0, wm)``."""
+    pdl_enter(PDL)
     bh = tl.program_id(0)
     bh64 = bh.to(tl.int64)
     k_base = k_ptr + (bh // Hkv).to(tl.int64) * skb + (bh % Hkv).to(tl.int64) * skh
@@ -129,7 +131,9 @@ def update_kernel(
     BPG: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BIAS_ROWS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     bh = tl.program_id(0)
     pid = tl.program_id(1)
     nu = tl.num_programs(1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, pow_beta
+from .common import NEG_INF, pdl_enter, pow_beta
 
 
 @triton.jit
@@ -76,7 +76,9 @@ def output_kernel(
     MODE: tl.constexpr,
     HAS_WM: tl.constexpr,
     SOLO: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     sp = tl.program_id(1)
     nso = tl.num_programs(1)

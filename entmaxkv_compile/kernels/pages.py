@@ -3,12 +3,14 @@
 * ``page_score_kernel`` (grid ``[B·Hkv, NSPLIT]``): for every page, the group bound
   ``max_rows (α−1)·(scale·(q⁺·kmax + q⁻·kmin + slack·|q|·max(|kmin|,|kmax|)) + max_page bias)``
   (DESIGN.md §2; the slack makes it hold for fp32-computed scores), −inf for empty or masked pages.
-* ``select_hist_kernel`` × 4, ``select_take_kernel`` × 3 (grid ``[B·Hkv, NSPLIT]``, the page-scoring
+* ``select_hist_kernel`` × 3, ``select_take_kernel`` × 2 (grid ``[B·Hkv, NSPLIT]``, the page-scoring
   slices): the ``budget`` highest bounds by an exact radix select on the bounds' order-preserving integer
-  keys (four 8-bit rounds; each slice adds its digit histogram to the group's, every program replays the
-  digits; ties to the lowest page), plus the sink pages and the pages holding the last
-  ``recent·page_size`` valid positions; per-slice tie and take counts give each slice its offset, so the
-  selected pages land in ascending order with their count. No program walks all pages of a group.
+  keys (four 8-bit rounds, the first made by ``page_score_kernel`` as it scores; each slice adds its digit
+  histogram to the group's, every program replays the digits; ties to the lowest page), plus the sink
+  pages and the pages holding the last ``recent·page_size`` valid positions; per-slice tie counts (the
+  last round's slice histograms) and take counts give each slice its offset, so the selected pages land in
+  ascending order with their count. No program walks all pages of a group. ``page_gather_kernel`` zeroes
+  the histograms for the next step.
   Groups shorter than ``min_ctx`` select nothing and go to the dense tail (mode 1).
 * ``page_gather_kernel`` (grid ``[B·Hkv, NSPLIT]``): exact ``z`` of every token of a slice of the selected
   pages; the tokens within 1 of the running maximum go into the program's segment, and what the group's
@@ -21,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, refilter
+from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, pdl_enter, refilter
 
 
 @triton.jit
@@ -95,15 +97,16 @@ def page_score_kernel(
     HAS_BIAS: tl.constexpr,
     BIAS_ROWS: tl.constexpr,
     F32: tl.constexpr,
+    HB: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = bh // Hkv
     kvh = bh % Hkv
     bh64 = bh.to(tl.int64)
     r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RP)
-    if sp == 0:  # the selection's radix histograms start from zero each step
-        tl.store(hist_ptr + bh64 * 1024 + tl.arange(0, 1024), tl.zeros([1024], tl.int32))
     q = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
     q_pos = tl.where(q > 0, q, 0.0).to(q.dtype)
     q_neg = tl.where(q < 0, q, 0.0).to(q.dtype)
@@ -140,8 +143,14 @@ def page_score_kernel(
         bmax, tlast = _bias_pages(bias, pos, rmask, RP, BP, PS, HAS_BIAS, BIAS_ROWS)
         live = (bmax > NEG_INF) & (empty == 0)[None, :]
         u = tl.where(live, box * zmul + bmax * bmul, NEG_INF)
-        tl.store(pscore_ptr + bh64 * pcap + pg, tl.max(u, axis=0), mask=pm)
+        score = tl.max(u, axis=0)
+        tl.store(pscore_ptr + bh64 * pcap + pg, score, mask=pm)
         last = tl.maximum(last, tlast)
+    # the radix select's first round over the slice just scored (its scores are in L2; a histogram per
+    # 1,024 pages, not per tile: one costs about as much for 32 keys as for 1,024)
+    tl.debug_barrier()
+    hist = _slice_hist(pscore_ptr, bh64, pcap, p_start, p_end, 0, 0, HB)
+    _add_hist(hist_ptr, bh64, 0, hist)
     tl.store(last_ptr + bh64 * tl.num_programs(1) + sp, last)
 
 
@@ -151,6 +160,30 @@ def _keys(score):
     bits = score.to(tl.int32, bitcast=True).to(tl.int64)
     key = tl.where(bits >= 0, bits + 2147483648, -1 - bits)
     return tl.where(score > NEG_INF, key, -1)
+
+
+@triton.jit
+def _slice_hist(pscore_ptr, bh64, pcap, p_start, p_end, prefix, RND: tl.constexpr, BLOCK: tl.constexpr):
+    """Histogram ``[512]`` of the round-``RND`` 8-bit digit of the slice's valid keys that match ``prefix``
+    on the digits above it (bins 0–255; the rest go to bins 256–511, spread by page)."""
+    shift: tl.constexpr = 24 - 8 * RND
+    local = tl.zeros([512], tl.int32)
+    for p0 in range(p_start, p_end, BLOCK):
+        pg = p0 + tl.arange(0, BLOCK)
+        key = _keys(tl.load(pscore_ptr + bh64 * pcap + pg, mask=pg < p_end, other=NEG_INF))
+        match = key >= 0
+        if RND > 0:
+            match = match & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+        digit = tl.where(match, (key >> shift) & 255, 256 + (pg & 255))
+        local += tl.histogram(digit.to(tl.int32), 512)
+    return local
+
+
+@triton.jit
+def _add_hist(hist_ptr, bh64, RND: tl.constexpr, local):
+    """Adds a program's histogram of round ``RND`` to the group's (one masked atomic add per bin)."""
+    bins = tl.arange(0, 512)
+    tl.atomic_add(hist_ptr + (bh64 * 4 + RND) * 256 + bins, local, mask=(bins < 256) & (local > 0))
 
 
 @triton.jit
@@ -183,6 +216,7 @@ def select_hist_kernel(
     pscore_ptr,
     last_ptr,
     hist_ptr,
+    ties_ptr,
     n_pages,
     pcap,
     nlast,
@@ -192,28 +226,25 @@ def select_hist_kernel(
     RND: tl.constexpr,
     BLOCK: tl.constexpr,
     NL_P2: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """Round ``RND`` of the radix select: this program's page slice adds its histogram of the next 8-bit
-    digit (among keys matching the prefix so far) to the group's ``hist[RND]`` — one masked atomic add per
-    bin and program, after the slice."""
+    """Round ``RND`` ≥ 1 of the radix select (``page_score_kernel`` makes round 0): this program's page
+    slice adds its histogram of the next 8-bit digit (among keys matching the prefix so far) to the group's
+    ``hist[RND]`` — one masked atomic add per bin and program, after the slice. The last round also keeps the
+    slice's own histogram: its bin of the final digit is the slice's count of ties with the cut-off key."""
+    pdl_enter(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     bh64 = bh.to(tl.int64)
     short = _group_length(last_ptr, bh64, nlast, NL_P2) < min_ctx
     prefix, need = _radix_state(hist_ptr, bh64, budget, short, RND)
-    shift = 24 - 8 * RND
-    local = tl.zeros([512], tl.int32)
     p_start = sp * pages_per_split
     p_end = tl.minimum(p_start + pages_per_split, n_pages)
-    for p0 in range(p_start, p_end, BLOCK):
-        pg = p0 + tl.arange(0, BLOCK)
-        key = _keys(tl.load(pscore_ptr + bh64 * pcap + pg, mask=pg < p_end, other=NEG_INF))
-        match = key >= 0
-        if RND > 0:
-            match = match & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-        local += tl.histogram(tl.where(match, (key >> shift) & 255, 256 + (pg & 255)).to(tl.int32), 512)
-    bins = tl.arange(0, 512)
-    tl.atomic_add(hist_ptr + (bh64 * 4 + RND) * 256 + bins, local, mask=(bins < 256) & (local > 0))
+    local = _slice_hist(pscore_ptr, bh64, pcap, p_start, p_end, prefix, RND, BLOCK)
+    _add_hist(hist_ptr, bh64, RND, local)
+    if RND == 3:
+        bins = tl.arange(0, 512)
+        tl.store(ties_ptr + (bh64 * tl.num_programs(1) + sp) * 256 + bins, local, mask=bins < 256)
 
 
 @triton.jit
@@ -221,6 +252,7 @@ def select_take_kernel(
     pscore_ptr,
     last_ptr,
     hist_ptr,
+    ties_ptr,
     cnt_ptr,
     sel_ptr,
     nsel_ptr,
@@ -238,10 +270,13 @@ def select_take_kernel(
     PASS: tl.constexpr,
     BLOCK: tl.constexpr,
     NL_P2: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """After the four rounds, ``prefix`` is the key of the budget-th highest page and ``need`` pages with
-    exactly that key are taken, lowest pages first. Pass 0 counts each slice's ties, pass 1 its taken pages
-    (top-``budget`` ∪ sink ∪ recent), pass 2 writes them at the slice's offset (ascending page order)."""
+    exactly that key are taken, lowest pages first (the ties of earlier slices are in their last-round
+    histograms). Pass 0 counts each slice's taken pages (top-``budget`` ∪ sink ∪ recent), pass 1 writes
+    them at the slice's offset (ascending page order)."""
+    pdl_enter(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     nsp = tl.num_programs(1)
@@ -252,12 +287,11 @@ def select_take_kernel(
     prefix, need = _radix_state(hist_ptr, bh64, budget, short, 4)
     o = tl.arange(0, NL_P2)
     om = o < nsp
-    ties = tl.full([], 0, tl.int32)  # ties in earlier slices (passes 1, 2)
-    cnt = tl.full([], 0, tl.int32)  # pages taken by earlier slices (pass 2)
-    if PASS > 0:
-        ties = tl.sum(tl.load(cnt_ptr + (bh64 * nsp + o) * 2, mask=om & (o < sp), other=0))
-    if PASS == 2:
-        taken = tl.load(cnt_ptr + (bh64 * nsp + o) * 2 + 1, mask=om, other=0)
+    ties_at = ties_ptr + (bh64 * nsp + o) * 256 + (prefix & 255).to(tl.int32)
+    ties = tl.sum(tl.load(ties_at, mask=om & (o < sp), other=0))  # ties in earlier slices
+    cnt = tl.full([], 0, tl.int32)  # pages taken by earlier slices (pass 1)
+    if PASS == 1:
+        taken = tl.load(cnt_ptr + bh64 * nsp + o, mask=om, other=0)
         cnt = tl.sum(tl.where(o < sp, taken, 0))
         if sp == 0:
             tl.store(nsel_ptr + bh, tl.minimum(tl.sum(taken), sel_cap))
@@ -273,24 +307,21 @@ def select_take_kernel(
         live = (key >= 0) & (need + 0 * pg > 0)  # need == 0: nothing valid to rank
         tie = (key == prefix) & live
         ti = tie.to(tl.int32)
-        if PASS > 0:
-            forced = (
-                (key >= 0)
-                & ((pg < sink) | ((pg <= last_page) & (pg > last_page - recent)))
-                & (length + 0 * pg >= min_ctx)
-            )
-            rank = ties + own_ties + tl.cumsum(ti, 0)
-            take = forced | (live & (key > prefix)) | (tie & (rank <= need))
-            ki = take.to(tl.int32)
-            if PASS == 2:
-                slot = cnt + own + tl.cumsum(ki, 0) - 1
-                tl.store(sel_ptr + bh64 * sel_cap + slot, pg, mask=take & (slot < sel_cap))
-            own += tl.sum(ki)
+        forced = (
+            (key >= 0)
+            & ((pg < sink) | ((pg <= last_page) & (pg > last_page - recent)))
+            & (length + 0 * pg >= min_ctx)
+        )
+        rank = ties + own_ties + tl.cumsum(ti, 0)
+        take = forced | (live & (key > prefix)) | (tie & (rank <= need))
+        ki = take.to(tl.int32)
+        if PASS == 1:
+            slot = cnt + own + tl.cumsum(ki, 0) - 1
+            tl.store(sel_ptr + bh64 * sel_cap + slot, pg, mask=take & (slot < sel_cap))
+        own += tl.sum(ki)
         own_ties += tl.sum(ti)
     if PASS == 0:
-        tl.store(cnt_ptr + (bh64 * nsp + sp) * 2, own_ties)
-    if PASS == 1:
-        tl.store(cnt_ptr + (bh64 * nsp + sp) * 2 + 1, own)
+        tl.store(cnt_ptr + bh64 * nsp + sp, own)
 
 
 @triton.jit
@@ -305,6 +336,7 @@ def page_gather_kernel(
     seg_cnt_ptr,
     seg_max_ptr,
     gmax_ptr,
+    hist_ptr,
     sqb,
     sqh,
     sql,
@@ -331,13 +363,17 @@ def page_gather_kernel(
     HAS_BIAS: tl.constexpr,
     BIAS_ROWS: tl.constexpr,
     F32: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     nsp = tl.num_programs(1)
     b = bh // Hkv
     kvh = bh % Hkv
     bh64 = bh.to(tl.int64)
+    if sp == 0:  # the selection is over: its histograms start the next step (and its page scoring) at zero
+        tl.store(hist_ptr + bh64 * 1024 + tl.arange(0, 1024), tl.zeros([1024], tl.int32))
     r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RP)
     qc = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
     k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh

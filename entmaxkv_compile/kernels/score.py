@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, refilter
+from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, pdl_enter, refilter
 
 
 @triton.jit
@@ -229,7 +229,9 @@ def score_kernel(
     PACK: tl.constexpr,
     REFILTER: tl.constexpr,
     ASM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     nsp = tl.num_programs(1)
@@ -428,7 +430,9 @@ def cand_kernel(
     HAS_BIAS: tl.constexpr,
     BIAS_ROWS: tl.constexpr,
     F32: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     if tl.load(mode_ptr + bh) == 0:

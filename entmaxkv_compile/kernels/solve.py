@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, bracket_start, solve_tau
+from .common import NEG_INF, bracket_start, pdl_enter, solve_tau
 
 NB: tl.constexpr = tl.constexpr(64)
 
@@ -78,7 +78,9 @@ def solve_kernel(
     NL_P2: tl.constexpr,
     WS_INLINE: tl.constexpr,
     SUPPORT_ONLY: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     bh = tl.program_id(0)
     r = tl.program_id(1)
     bh64 = bh.to(tl.int64)
