@@ -372,9 +372,11 @@ def test_topk_matches_reference(page_size, alpha, lengths):
     assert site.mode.tolist() == [0] * 4
 
 
-def test_topk_split_selection_breaks_ties_to_lowest_pages():
+def test_topk_split_selection_breaks_ties_to_lowest_pages(monkeypatch):
     """Eight page slices per group select in parallel; most pages tie exactly (identical keys), so the cut
-    falls inside a tie run that spans slices and the lowest tied pages must win, as in the reference."""
+    falls inside a tie run that spans slices and the lowest tied pages must win, as in the reference (the
+    ties before a slice come from the other slices' last-round histograms)."""
+    monkeypatch.setattr(launch, "PAGE_TILE", 16)  # 16-page slices: eight of them over 128 pages
     q, k, v = _inputs(1, 2, 2, 1, 512, 64, torch.float32, seed=6, peaky=False)
     k[:] = k[:, :, :1]  # every key of a group equal: all 128 pages tie
     for h, pages in ((0, (37, 90, 101)), (1, (5, 64, 127))):
