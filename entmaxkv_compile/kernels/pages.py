@@ -5,7 +5,7 @@
   (DESIGN.md §2; the slack makes it hold for fp32-computed scores), −inf for empty or masked pages.
 * ``select_hist_kernel`` × 3, ``select_take_kernel`` × 2 (grid ``[B·Hkv, NSPLIT]``, the page-scoring
   slices): the ``budget`` highest bounds by an exact radix select on the bounds' order-preserving integer
-  keys (four 8-bit rounds, the first made by ``page_score_kernel`` as it scores; each slice adds its digit
+  keys (four 8-bit rounds, the first made by ``page_score_kernel`` after its slice; each slice adds its digit
   histogram to the group's, every program replays the digits; ties to the lowest page), plus the sink
   pages and the pages holding the last ``recent·page_size`` valid positions; per-slice tie counts (the
   last round's slice histograms) and take counts give each slice its offset, so the selected pages land in
