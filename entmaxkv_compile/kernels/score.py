@@ -263,26 +263,9 @@ def score_kernel(
             CW: tl.constexpr = GS if GS >= 32 else 32  # int8 dots take K ≥ 32
             CMAX: tl.constexpr = 127 if SRC == 1 else 7
             qca, qsa, qcb, qsb, qerr = _qenc(
-                q_ptr,
-                b,
-                kvh,
-                sqb,
-                sqh,
-                sql,
-                zmul,
-                G,
-                LQ,
-                R,
-                RS,
-                RP,
-                D,
-                W,
-                GS,
-                CW,
-                CMAX,
-                16 if SRC == 2 else 1,
-                PACK,
-            )
+                q_ptr, b, kvh, sqb, sqh, sql, zmul, G, LQ, R, RS, RP, D, W, GS, CW, CMAX,
+                16 if SRC == 2 else 1, PACK,
+            )  # fmt: skip
             code_base = code_ptr + bh64 * sk_cap * W
             scale_base = scale_ptr + bh64 * sk_cap * NGT
             res_base = res_ptr + bh64 * sk_cap
