@@ -133,7 +133,7 @@ def test_long_lists_drop_entries_below_the_bracket(monkeypatch, policy, alpha):
     assert site.support.tolist() == stats.support_size.flatten().tolist()
 
 
-@pytest.mark.parametrize(  # one step per token row (scaled after the dot) or several (dequantised first)
+@pytest.mark.parametrize(  # one step per token row or several (one int8 dot per channel group)
     "sketch,group", [("int8", 16), ("int4", 16), ("int8", 64), ("int4", 32)]
 )
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.25])
@@ -318,8 +318,8 @@ def test_topk_segments_hold_what_can_be_in_the_support():
 def test_scratch_is_clean_for_the_next_call(policy):
     """Two calls on one Scratch, the second with much lower scores: the first call's running maxima must be
     gone (else the end-of-program filters drop the second call's support). The first call's short supports
-    take the one-program output, the second's flat rows the ticketed one; both leave ``gmax`` at −inf, the
-    tickets at 0 and the top-k selection's histograms at 0."""
+    take the one-program output, the second's flat rows the ticketed one; both leave ``gmax`` at −inf and the
+    tickets at 0."""
     q, k, v = _inputs(1, 2, 2, 1, 128, 64, torch.float32, seed=2)
     cfg = EntmaxKVConfig(
         policy=policy, min_candidates=128, candidate_fraction=1.0, page_size=8, budget_pages=8
@@ -334,8 +334,29 @@ def test_scratch_is_clean_for_the_next_call(policy):
         assert site.support.tolist() == stats.support_size.flatten().tolist()
         assert (site.support <= launch.OUT_SOLO).all() == solo
         assert torch.isneginf(sc.gmax.view(plan.bh, plan.rp)[:, : plan.r]).all() and not sc.ticket.any()
-        if policy == "topk":  # the page scoring adds the next call's first selection round onto zeros
-            assert not sc.sel_hist.any()
+
+
+def test_topk_step_interrupted_after_the_page_scoring(monkeypatch):
+    """A step that stops after the page scoring (here: the gather launch raises) leaves the first radix
+    round's counts in the selection's histograms; the next step must start them from zero again (the update
+    kernel clears them) and select what the reference selects."""
+    q, k, v = _inputs(1, 2, 2, 1, 512, 64, torch.float32, seed=5)
+    cfg = EntmaxKVConfig(policy="topk", page_size=4, budget_pages=8)
+    plan = make_plan(tuple(q.shape), tuple(k.shape), 64, cfg, 16, 16)
+    site, sc = SiteBuffers(plan, q.device, k.dtype), Scratch(plan, q.device)
+
+    class Interrupted:
+        def __getitem__(self, grid):
+            raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(launch, "page_gather_kernel", Interrupted())
+    with pytest.raises(RuntimeError, match="interrupted"):
+        decode(plan, sc, site, q, k, v, None, 0.25, 1.5, cfg)
+    assert sc.sel_hist.any()  # what the interrupted step left
+    monkeypatch.undo()
+    out = decode(plan, sc, site, q, k, v, None, 0.25, 1.5, cfg)
+    ref, _ = decode_attention(q, k, v, scale=0.25, alpha=1.5, config=cfg)
+    assert _err(out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("policy,sketch", [("dense", "int8"), ("certified", "int4")])

@@ -125,7 +125,7 @@ def _kernel_times(fn, calls: int = 5) -> dict[str, float]:
 
     from ..kernels import launch
 
-    launch.PDL = False
+    pdl, launch.PDL = launch.PDL, False
     try:
         fn()  # compiles the kernels without PDL outside the profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -133,7 +133,7 @@ def _kernel_times(fn, calls: int = 5) -> dict[str, float]:
                 fn()
             torch.cuda.synchronize()
     finally:
-        launch.PDL = True
+        launch.PDL = pdl
     return {e.key: e.device_time_total / calls for e in prof.key_averages() if e.device_time_total > 0}
 
 

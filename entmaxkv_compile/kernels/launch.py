@@ -32,6 +32,7 @@ from .score import cand_kernel, score_kernel
 from .solve import solve_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+NVIDIA = not INTERPRET and torch.version.hip is None  # inline PTX and programmatic dependent launch
 MAXIT = 100
 SOLVE_BLOCK = 4096
 OUT_SCAN = 1024
@@ -47,8 +48,8 @@ PROBES = 8  # key rows per KV group re-read every step, so a rewritten cache (ne
 SCORE_MAXNREG = 128
 # Tiles between exchanges of the running maxima (score_kernel's SYNC; exact tiles are Plan.block_n tokens,
 # sketch tiles Plan.block_sk): sketch passes exchange more often, as a late maximum lets their looser bounds
-# overflow the segments — int4 every 256 tokens (128K: 7 of 8 groups went dense at 512 tokens of 64-token
-# tiles, 4 of 8 at 512 tokens of 128-token tiles), int8 every 512.
+# overflow the segments — with packed 128-token tiles int4 every 256 tokens (128K: 7 of 8 groups went dense
+# at 512 tokens of 64-token tiles, 4 of 8 at 512 tokens of 128-token tiles), int8 every 512.
 SYNC_EXACT = 8
 SYNC_SKETCH = {1: 4, 2: 2}
 # Up to this cache capacity the exact scoring pass also writes the dense workspace (R·4 bytes per token
@@ -73,12 +74,7 @@ def _pdl(device: torch.device, enabled: bool) -> dict:
     """Launch options for programmatic dependent launch: every kernel of a step waits for its predecessor at
     its first instruction and lets its successor launch at once, so each launch and prologue overlaps the
     previous kernel's tail (32K dense step −1.5 µs, 128K −3 µs; captured into CUDA graphs like any launch)."""
-    on = (
-        enabled
-        and not INTERPRET
-        and device.type == "cuda"
-        and torch.cuda.get_device_capability(device)[0] >= 9
-    )
+    on = enabled and NVIDIA and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
@@ -337,7 +333,7 @@ def _score(
         sc.mode, vend, *st.qkb(), p.hkv, p.s, p.s, p.split_len, p.segcap, st.zmul, st.bmul, want_mode,
         D=p.d, BLOCK_N=p.block_sk if sk else p.block_n, SRC=sk, GS=p.gs, PACK=bool(sk) and p.packed,
         KEEP=not ws, WRITE_WS=ws or (not sk and p.ws_inline), REFILTER=bool(sk) or p.s <= REFILTER_EXACT_MAX,
-        ASM=not INTERPRET, F32=st.f32, **st.pdl, **st.common(), **st.bias_flags(),
+        ASM=NVIDIA, F32=st.f32, **st.pdl, **st.common(), **st.bias_flags(),
         **_score_launch(st, sk),
     )  # fmt: skip
 
@@ -405,6 +401,7 @@ def _update(st: Step, site: SiteBuffers, sc: Scratch) -> None:
     sk = (site.codes, site.scales, site.res) if p.sk else (site.wm,) * 3
     update_kernel[(p.bh, p.nsplit)](
         k, st.bias, site.wm, site.vend, sc.mode, *sk, site.kmin if box else k, site.kmax if box else k,
+        sc.sel_hist if box else sc.mode,
         k.stride(0), k.stride(1), k.stride(2), *st.bst, p.hkv, p.s, p.s, p.n_pages,
         D=p.d, GS=p.gs, SK=p.sk, BOX=box, PS=p.ps, BT=32, BPG=max(1, 64 // p.ps),
         **st.common(), **st.bias_flags(), **st.pdl,
@@ -467,7 +464,7 @@ def decode(
             )  # fmt: skip
         page_gather_kernel[(p.bh, p.nsplit_t)](
             q, k, st.bias, sc.sel, sc.nsel, sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, sc.gmax,
-            sc.sel_hist, *st.qkb(), p.hkv, p.s, p.sel_cap, p.segcap_t, st.zmul, st.bmul, D=p.d, PS=p.ps,
+            *st.qkb(), p.hkv, p.s, p.sel_cap, p.segcap_t, st.zmul, st.bmul, D=p.d, PS=p.ps,
             BPG=max(1, 64 // p.ps), F32=st.f32, **st.common(), **st.bias_flags(), **st.pdl,
         )  # fmt: skip
         segs = (sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, p.nsplit_t, p.segcap_t)

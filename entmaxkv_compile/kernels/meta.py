@@ -107,6 +107,7 @@ def update_kernel(
     res_ptr,
     kmin_ptr,
     kmax_ptr,
+    hist_ptr,
     skb,
     skh,
     sks,
@@ -153,6 +154,8 @@ def update_kernel(
     if pid == 0:
         tl.store(mode_ptr + bh, 0)
         tl.store(vend_ptr + bh, hi)  # no valid position at or past it: the sketch scan stops there
+        if BOX:  # the top-k selection's radix histograms (the page scoring adds the first round)
+            tl.store(hist_ptr + bh64 * 1024 + tl.arange(0, 1024), tl.zeros([1024], tl.int32))
     if SK != 0:
         NG: tl.constexpr = D // GS
         g = tl.arange(0, NG // SK)

@@ -9,8 +9,8 @@
   histogram to the group's, every program replays the digits; ties to the lowest page), plus the sink
   pages and the pages holding the last ``recent·page_size`` valid positions; per-slice tie counts (the
   last round's slice histograms) and take counts give each slice its offset, so the selected pages land in
-  ascending order with their count. No program walks all pages of a group. ``page_gather_kernel`` zeroes
-  the histograms for the next step.
+  ascending order with their count. No program walks all pages of a group. ``update_kernel`` zeroes the
+  histograms at the start of the step (an interrupted step leaves nothing behind).
   Groups shorter than ``min_ctx`` select nothing and go to the dense tail (mode 1).
 * ``page_gather_kernel`` (grid ``[B·Hkv, NSPLIT]``): exact ``z`` of every token of a slice of the selected
   pages; the tokens within 1 of the running maximum go into the program's segment, and what the group's
@@ -336,7 +336,6 @@ def page_gather_kernel(
     seg_cnt_ptr,
     seg_max_ptr,
     gmax_ptr,
-    hist_ptr,
     sqb,
     sqh,
     sql,
@@ -372,8 +371,6 @@ def page_gather_kernel(
     b = bh // Hkv
     kvh = bh % Hkv
     bh64 = bh.to(tl.int64)
-    if sp == 0:  # the selection is over: its histograms start the next step (and its page scoring) at zero
-        tl.store(hist_ptr + bh64 * 1024 + tl.arange(0, 1024), tl.zeros([1024], tl.int32))
     r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RP)
     qc = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
     k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh

@@ -155,7 +155,7 @@ def _nibbles(x, ASM: tl.constexpr):
     with ``ASM`` (3 instructions per 4 bytes where byte-wise code takes ~20)."""
     if ASM:
         lo, hi = tl.inline_asm_elementwise(
-            "shl.b32 $0, $2, 4; and.b32 $0, $0, 0xF0F0F0F0; and.b32 $1, $2, 0xF0F0F0F0;",
+            "{ .reg .b32 t; shl.b32 t, $2, 4; and.b32 $1, $2, 0xF0F0F0F0; and.b32 $0, t, 0xF0F0F0F0; }",
             "=r,=r,r",
             [x],
             dtype=(tl.int8, tl.int8),
