@@ -290,6 +290,17 @@ def test_sink_and_recent_pages() -> None:
     assert torch.all(stats.pages_selected <= 4)
 
 
+def test_topk_ties_go_to_the_lowest_pages() -> None:
+    """Every page of a group holds the same keys, so every page bound ties: the budget takes the lowest
+    pages, as the kernels' radix select does (torch.topk alone picks an unspecified subset of equal
+    values)."""
+    q, k, v, _ = make_inputs(8, s=128)
+    k[:] = k[:, :, :1]
+    _, stats, _ = run("topk", q, k, v, None, 1.5, page_size=8, budget_pages=5, sink_pages=0, recent_pages=0)
+    pages = stats.selected.unflatten(-1, (16, 8)).any(-1)  # [B, Hkv, 16 pages]
+    assert pages[..., :5].all() and not pages[..., 5:].any()
+
+
 def test_adaptive_keeps_pages_that_can_cross_the_estimate() -> None:
     # keys of a page share a direction, so boxes are tight: the adaptive estimate keeps only a few pages
     g = torch.Generator().manual_seed(9)

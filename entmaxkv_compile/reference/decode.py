@@ -136,8 +136,11 @@ def _page_selection(
         gb_rank = gb.masked_fill(~_to_groups(passing, hkv), NEG_INF)
     else:
         gb_rank = gb
-    top = gb_rank.topk(min(config.budget_pages, n_pages), dim=-1)
-    chosen = torch.zeros_like(nonempty).scatter(-1, top.indices, top.values > NEG_INF)
+    # the budget highest bounds, ties to the lowest page (as the kernels and ONNX TopK break them; torch.topk
+    # leaves the order of equal values unspecified): a stable descending sort keeps equal bounds in page order
+    ranked, order = torch.sort(gb_rank, dim=-1, descending=True, stable=True)
+    budget = min(config.budget_pages, n_pages)
+    chosen = torch.zeros_like(nonempty).scatter(-1, order[..., :budget], ranked[..., :budget] > NEG_INF)
     ub = u.repeat_interleave(ps, dim=-1)[..., : s.shape[-1]]
     meta_bytes = 2 * k.shape[-1] * k.element_size() * nonempty.sum(-1)
     return chosen | forced, ub, meta_bytes
