@@ -10,8 +10,10 @@ Pipelines (each launch early-exits for groups in another mode):
 * ``dense``: score(exact, keep) → solve → [score(workspace) → solve(workspace)] → output; caches of at most
   ``WS_INLINE_MAX`` positions write the workspace in the first scoring pass and solve an overflowed group
   from it in the same solve launch, two launches fewer
-* ``certified``: update(sketch) → score(sketch, keep) → solve(τ_low) → cand → solve → dense tail → output
-* ``topk``: update(boxes) → page scores → select → page gather → solve → dense tail → output
+* ``certified``: probe → update(sketch) → score(sketch, keep) → solve(τ_low) → cand → solve → dense tail →
+  output → probe(record)
+* ``topk``: probe → update(boxes) → page scores → select → page gather → solve → dense tail → output →
+  probe(record)
 """
 
 from __future__ import annotations
