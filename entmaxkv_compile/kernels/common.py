@@ -175,9 +175,10 @@ def _seg_load(idx_base, z_base, sl, inr, segcap, r, rmask, R: tl.constexpr, HI: 
 
 
 @triton.jit
-def _seg_store(
+def seg_store(
     idx_base, z_base, slot, keep, idx, zlo, zhi, segcap, r, rmask, R: tl.constexpr, HI: tl.constexpr
 ):
+    """Writes entries (positions ``idx``, lower and upper scores) at ``slot`` where ``keep``."""
     tl.store(idx_base + slot, idx, mask=keep)
     zp = z_base + r[:, None] * segcap + slot[None, :]
     tl.store(zp, zlo, mask=rmask[:, None] & keep[None, :])
@@ -210,7 +211,7 @@ def refilter(
         if dirty:
             slot = k + tl.cumsum(ki, 0) - 1  # ≤ sl: compacting in place never overtakes the reads
             tl.debug_barrier()
-            _seg_store(idx_base, z_base, slot, keep, idx, zlo, zhi, segcap, r, rmask, R, HI)
+            seg_store(idx_base, z_base, slot, keep, idx, zlo, zhi, segcap, r, rmask, R, HI)
             k += nk
             s0 += BLOCK
             dirty = s0 < n
@@ -221,7 +222,7 @@ def refilter(
         c = c0 + tl.arange(0, BLOCK)
         inr = c < m
         idx, zlo, zhi = _seg_load(idx_base, z_base, n - m + c, inr, segcap, r, rmask, R, HI)
-        _seg_store(idx_base, z_base, k + c, inr, idx, zlo, zhi, segcap, r, rmask, R, HI)
+        seg_store(idx_base, z_base, k + c, inr, idx, zlo, zhi, segcap, r, rmask, R, HI)
     return n - (s0 - k)
 
 

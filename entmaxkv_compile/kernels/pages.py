@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, pdl_enter, refilter
+from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, pdl_enter, refilter, seg_store
 
 
 @triton.jit
@@ -400,8 +400,7 @@ def page_gather_kernel(
         keep = (tl.sum((z > zmax[:, None] - 1.0).to(tl.int32), axis=0) > 0) & tv
         ki = keep.to(tl.int32)
         slot = cnt + tl.cumsum(ki, 0) - 1
-        tl.store(idx_base + slot, pos, mask=keep)
-        tl.store(z_base + r[:, None] * segcap + slot[None, :], z, mask=rmask[:, None] & keep[None, :])
+        seg_store(idx_base, z_base, slot, keep, pos, z, z, segcap, r, rmask, R, False)
         cnt += tl.sum(ki)
     # the group's maximum over all slices, then what it rules out is dropped (as in the scoring pass)
     old = tl.atomic_max(gmax_ptr + bh64 * RP + r, zmax, mask=rmask)

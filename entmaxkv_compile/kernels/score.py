@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, pdl_enter, refilter
+from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, pdl_enter, refilter, seg_store
 
 
 @triton.jit
@@ -358,11 +358,7 @@ def score_kernel(
                 if nk > 0:
                     slot = cnt + tl.cumsum(keep.to(tl.int32), 0) - 1
                     ok = keep & (slot < segcap)
-                    tl.store(idx_base + slot, pos, mask=ok)
-                    zptr = zlo_base + r[:, None] * segcap + slot[None, :]
-                    tl.store(zptr, zlo, mask=rmask[:, None] & ok[None, :])
-                    if SRC != 0:
-                        tl.store(zptr + R * segcap, zhi, mask=rmask[:, None] & ok[None, :])
+                    seg_store(idx_base, zlo_base, slot, ok, pos, zlo, zhi, segcap, r, rmask, R, SRC != 0)
                     cnt += nk
                 it += 1
             if WRITE_WS:
@@ -449,8 +445,7 @@ def cand_kernel(
             z = mm(qc, tl.trans(cvt(kt, F32)), F32) * zmul + bias * bmul
             ci = cand.to(tl.int32)
             slot = cnt + tl.cumsum(ci, 0) - 1  # ≤ sl: compacting in place never overtakes the reads
-            tl.store(idx_base + slot, pos, mask=cand)
-            tl.store(z_base + r[:, None] * segcap + slot[None, :], z, mask=rmask[:, None] & cand[None, :])
+            seg_store(idx_base, z_base, slot, cand, pos, z, z, segcap, r, rmask, R, False)
             cnt += tl.sum(ci)
             zmax = tl.maximum(zmax, tl.max(z, axis=1))
         tl.store(seg_cnt_ptr + seg, cnt)
