@@ -161,22 +161,21 @@ def _kept(sc: Scratch, plan, seg: int) -> tuple[Tensor, Tensor]:
     return pos, z
 
 
-def _two_level_residual(x: Tensor, group: int) -> Tensor:
-    """What ``score_kernel`` leaves of a query row after its two int8 levels per channel group
-    (``x − s1·c1 − s2·c2``, one ``s1, s2`` per group)."""
-    x = x.reshape(-1, group)
-    for _ in range(2):
-        a = x.abs().amax(1, keepdim=True)
-        s = torch.where(a > 1e-30, a / 127, torch.ones_like(a))
-        x = x - torch.floor(x / s + 0.5) * s
-    return x.reshape(-1)
+def _two_level_residual(x: Tensor) -> Tensor:
+    """What ``score_kernel`` leaves of a query row after its two int8 levels on one step per row
+    (``x − s·c1 − (s/128)·c2``, ``s = max|x|/127``)."""
+    a = x.abs().max()
+    s = a / 127 if a > 1e-30 else torch.ones_like(a)
+    for step in (s, s / 128):
+        x = x - torch.floor(x / step + 0.5) * step
+    return x
 
 
 @pytest.mark.parametrize("sketch,group", [("int8", 64), ("int4", 32), ("int8", 16), ("int4", 16)])
 @pytest.mark.parametrize("qmag", [1.0, 1e-25])  # tiny queries: Σq² underflows unless the norm is scaled
 def test_sketch_bounds_contain_the_exact_scores(sketch, group, qmag):
     """Keys the sketch holds exactly (no residual beyond the fp32 allowance), so the bound must carry all
-    the rest of the kernel's error: the query's int8 rounding per channel group. Half the keys
+    the rest of the kernel's error: the query's two-level int8 rounding. Half the keys
     are worst cases for it (``±qmax`` with the sign of the first row's rounding residual), which the
     rounding allowance alone does not cover (outlier channel: ‖q‖₂ ≈ max|q|)."""
     qmax, hkv, g, s, d = (127 if sketch == "int8" else 7), 2, 2, 96, 64
@@ -186,7 +185,7 @@ def test_sketch_bounds_contain_the_exact_scores(sketch, group, qmag):
     q *= qmag
     codes = torch.randint(-qmax, qmax + 1, (1, hkv, s, d), generator=gen)
     for h in range(hkv):
-        codes[0, h, ::2] = qmax * torch.sign(_two_level_residual(q[0, h * g, 0], group)).long()
+        codes[0, h, ::2] = qmax * torch.sign(_two_level_residual(q[0, h * g, 0])).long()
     codes[..., ::group] = qmax  # every channel group reaches qmax: its step is exactly 1/8
     k = codes / 8.0
     scale, alpha = 1e-3, 1.5  # all scores within 1 of the maximum: every token is kept with its bounds
@@ -493,7 +492,7 @@ def test_int8_row_bounds_contain_the_exact_scores_per_row(g, lq, d):
     codes = torch.randint(-127, 128, (1, hkv, s, d), generator=gen)
     rows = q[0].reshape(g * lq, d)  # row r: head r // lq, position r % lq
     for j in range(g * lq):
-        codes[0, 0, j :: g * lq] = 127 * torch.sign(_two_level_residual(rows[j], d)).long()
+        codes[0, 0, j :: g * lq] = 127 * torch.sign(_two_level_residual(rows[j])).long()
     codes[..., 0] = 127  # every step exactly 1/8: the sketch is exact, the bound carries the query rounding
     k = codes / 8.0
     scale, alpha = 1e-3, 1.5

@@ -13,8 +13,9 @@ which is ≤ τ by monotonicity), gathers their exact key rows and compacts them
 
 Sketches are scored by int8 tensor-core dots on the codes as loaded (int4 nibbles unpacked to int8 in
 registers), one dot per channel group of ``GS`` (scaled by the group's step after the dot, exact): the query
-is split into two int8 levels per group once per program, and what those leave (``‖e‖₁·CMAX·step`` per
-token, ``CMAX`` = 127 or 7) widens the bound.
+is split once per program into two int8 levels on one step per row (``q ≈ s·(c1 + c2/128)``, so a group's
+two levels combine exactly in int32), and what those leave (``‖e‖₁·CMAX·step`` per token, ``CMAX`` = 127 or
+7) widens the bound.
 """
 
 from __future__ import annotations
@@ -30,26 +31,6 @@ def _qcode(x, s):
     """``round(x/s)`` as int8 codes (``|x| ≤ 127·s``) and the residual ``x − code·s`` (fp32)."""
     c = tl.floor(x / s[:, None] + 0.5)
     return c.to(tl.int8), x - c * s[:, None]
-
-
-@triton.jit
-def _qstep(amax):
-    """Quantisation step of int8 codes for rows of largest magnitude ``amax`` (1 where ~0: codes 0)."""
-    return tl.where(amax > 1e-30, amax / 127.0, 1.0)
-
-
-@triton.jit
-def _qlevels(qf, zmul, GS: tl.constexpr, CMAX: tl.constexpr):
-    """Two int8 levels of the query rows ``qf`` (one channel group, zero elsewhere), ``qf = s1·c1 + s2·c2 +
-    e``, and the bound term per unit step ``(α−1)·scale·CMAX·‖e‖₁`` (``CMAX`` the largest code magnitude)
-    plus a slack (``GS·max|q|·2⁻¹⁹``) covering the fp32 rounding of ``e`` and of the combination."""
-    amax = tl.max(tl.abs(qf), axis=1)
-    s1 = _qstep(amax)
-    c1, e = _qcode(qf, s1)
-    s2 = _qstep(tl.max(tl.abs(e), axis=1))
-    c2, e = _qcode(e, s2)
-    qerr = zmul * CMAX * (tl.sum(tl.abs(e), axis=1) + GS * amax * 1.9073486328125e-06)
-    return s1, c1, s2, c2, qerr
 
 
 @triton.jit
@@ -74,79 +55,76 @@ def _qenc(
     UNIT: tl.constexpr,
     PACK: tl.constexpr,
 ):
-    """The query rows as int8 levels per channel group ``g`` (channels ``[g·GS, (g+1)·GS)``), each
-    ``[RP, CW]`` over the code chunk that holds the group (zero outside it), and the summed bound terms.
+    """The query rows as two int8 levels on one step per row, ``q = s·(c1 + c2/128) + e`` (``s =
+    max|q|/127``, so ``|c2| ≤ 64``), cut per channel group ``g`` (channels ``[g·GS, (g+1)·GS)``) into
+    ``[RP, CW]`` operands over the code chunk that holds the group (zero outside it); ``128·(c1·x) + c2·x``
+    is then exact in int32 (``< 2³⁰`` for chunks of ≤ 256 channels) and a group's scores are one integer per
+    token, so each group costs one conversion and one ``fma`` per score.
 
-    ``PACK``: rows ``i`` and ``RS + i`` both hold query row ``i``, level 1 in the first and level 2 in the
-    second, so one dot yields both (``ca``, ``sa``; ``cb``, ``sb`` repeat them); else ``(c1, s1, c2, s2)``.
-    The scales are divided by ``UNIT``, the factor the dot's operand carries (int4 nibbles are read as
-    ``16·code``: a power of two, exact)."""
+    Returns the operands (``PACK``: rows ``i`` and ``RS + i`` hold row ``i``'s ``c1`` and ``c2``, one dot
+    yields both; else ``c1`` and ``c2`` apart), the per-row factor ``(α−1)·scale·s/(128·UNIT)`` of those
+    integers (``UNIT`` the factor the codes carry: int4 nibbles are read as ``16·code``) and the bound term
+    per unit step ``(α−1)·scale·CMAX·‖e‖₁`` plus a slack (``D·max|q|·2⁻¹⁹``) for the fp32 rounding."""
     rf = tl.arange(0, RP)
-    rr = rf % RS
-    col = tl.arange(0, CW)
-    cas = ()
-    sas = ()
-    cbs = ()
-    sbs = ()
-    qerr = tl.zeros([RS], tl.float32)
+    amax = tl.zeros([RP], tl.float32)
+    for g in tl.static_range(D // GS):  # the row maxima first (the query is loaded twice, once per program)
+        qd = _qgroup(q_ptr, b, kvh, sqb, sqh, sql, g, G, LQ, R, RS, RP, W, GS, CW)
+        amax = tl.maximum(amax, tl.max(tl.abs(qd), axis=1))
+    s1 = tl.where(amax > 1e-30, amax / 127.0, 1.0)
+    s2 = s1 * 0.0078125
+    c1s = ()
+    c2s = ()
+    el1 = tl.zeros([RP], tl.float32)
     for g in tl.static_range(D // GS):
-        c0 = (g * GS) // W * W + (g * GS) % W // CW * CW  # first channel of the group's chunk
-        sub = (g * GS) % CW
-        qd = load_q(q_ptr + c0, b, kvh * G + rr // LQ, rr % LQ, rr < R, sqb, sqh, sql, CW).to(tl.float32)
-        qd = tl.where(((col >= sub) & (col < sub + GS))[None, :], qd, 0.0)
-        s1, c1, s2, c2, qe = _qlevels(qd, zmul, GS, CMAX)
-        s1 = s1 * (1.0 / UNIT)
-        s2 = s2 * (1.0 / UNIT)
+        qd = _qgroup(q_ptr, b, kvh, sqb, sqh, sql, g, G, LQ, R, RS, RP, W, GS, CW)
+        c1, e = _qcode(qd, s1)
+        c2, e = _qcode(e, s2)
+        el1 += tl.sum(tl.abs(e), axis=1)
         if PACK:
-            ca = tl.where((rf < RS)[:, None], c1, c2)
-            sa = tl.where(rf < RS, s1, s2)
-            qe, _ = tl.split(tl.permute(tl.reshape(qe, [2, RS]), (1, 0)))
-            cas += (ca,)
-            sas += (sa,)
-            cbs += (ca,)
-            sbs += (sa,)
+            c1s += (tl.where((rf < RS)[:, None], c1, c2),)
         else:
-            cas += (c1,)
-            sas += (s1,)
-            cbs += (c2,)
-            sbs += (s2,)
-        qerr += qe
-    return cas, sas, cbs, sbs, qerr
+            c1s += (c1,)
+        c2s += (c2,)
+    qerr = zmul * CMAX * (el1 + D * amax * 1.9073486328125e-06)
+    qmul = s1 * (zmul / (128 * UNIT))
+    if PACK:  # rows [0, RS) hold every row once
+        qerr, _ = tl.split(tl.permute(tl.reshape(qerr, [2, RS]), (1, 0)))
+        qmul, _ = tl.split(tl.permute(tl.reshape(qmul, [2, RS]), (1, 0)))
+    return c1s, c2s, qmul, qerr
 
 
 @triton.jit
-def _gdot(ca, sa, cb, sb, codes, RS: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr):
-    """``q̂ · codesᵀ`` ``[RS, N]`` (fp32) for one channel group from exact int8 tensor-core products."""
-    a = tl.dot(ca, tl.trans(codes), out_dtype=tl.int32).to(tl.float32) * sa[:, None]
+def _qgroup(
+    q_ptr, b, kvh, sqb, sqh, sql, g, G: tl.constexpr, LQ: tl.constexpr, R: tl.constexpr, RS: tl.constexpr,
+    RP: tl.constexpr, W: tl.constexpr, GS: tl.constexpr, CW: tl.constexpr,
+):  # fmt: skip
+    """The query rows' channels of group ``g`` in the ``[RP, CW]`` chunk of codes that holds it (fp32, zero
+    on the chunk's other channels; row ``i`` at ``i mod RS``)."""
+    rr = tl.arange(0, RP) % RS
+    col = tl.arange(0, CW)
+    c0 = (g * GS) // W * W + (g * GS) % W // CW * CW  # first channel of the group's chunk
+    sub = (g * GS) % CW
+    qd = load_q(q_ptr + c0, b, kvh * G + rr // LQ, rr % LQ, rr < R, sqb, sqh, sql, CW).to(tl.float32)
+    return tl.where(((col >= sub) & (col < sub + GS))[None, :], qd, 0.0)
+
+
+@triton.jit
+def _gdot(c1, c2, codes, RS: tl.constexpr, PACK: tl.constexpr):
+    """``128·(c1·codesᵀ) + c2·codesᵀ`` ``[RS, N]`` (int32, exact): one channel group on the tensor cores."""
+    a = tl.dot(c1, tl.trans(codes), out_dtype=tl.int32)
     if PACK:
-        a1, a2 = tl.split(tl.permute(tl.reshape(a, [2, RS, BLOCK_N]), (1, 2, 0)))
-        out = a1 + a2
+        a1, a2 = tl.split(tl.permute(tl.reshape(a, [2, RS, codes.shape[0]]), (1, 2, 0)))
+        out = a1 * 128 + a2
     else:
-        out = a + tl.dot(cb, tl.trans(codes), out_dtype=tl.int32).to(tl.float32) * sb[:, None]
+        out = a * 128 + tl.dot(c2, tl.trans(codes), out_dtype=tl.int32)
     return out
 
 
 @triton.jit
-def _group_score(
-    qca,
-    qsa,
-    qcb,
-    qsb,
-    g: tl.constexpr,
-    codes,
-    stepf,
-    RS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    NGT: tl.constexpr,
-    PACK: tl.constexpr,
-):
-    """Channel group ``g``'s part of ``q·k̂`` ``[RS, N]``: its int8 dot with the codes ``[N, CW]`` of its
-    chunk, times its steps (column ``g`` of ``stepf [N, NGT]``)."""
-    if NGT == 1:
-        step = tl.reshape(stepf, [BLOCK_N])
-    else:
-        step = tl.sum(tl.where((tl.arange(0, NGT) == g)[None, :], stepf, 0.0), axis=1)
-    return _gdot(qca[g], qsa[g], qcb[g], qsb[g], codes, RS, BLOCK_N, PACK) * step[None, :]
+def _group_score(qk, c1s, c2s, g: tl.constexpr, codes, steps, RS: tl.constexpr, PACK: tl.constexpr):
+    """Adds channel group ``g``'s part of ``q·k̂`` (in units of the query's factor) to ``qk [RS, N]``: its
+    integer dot with the codes ``[N, CW]`` of its chunk times its steps (``steps[g]``, ``[N]``)."""
+    return tl.fma(_gdot(c1s[g], c2s[g], codes, RS, PACK).to(tl.float32), steps[g][None, :], qk)
 
 
 @triton.jit
@@ -170,11 +148,45 @@ def _nibbles(x, ASM: tl.constexpr):
 
 @triton.jit
 def _sketch_meta(scale_base, res_base, pos, pm, NGT: tl.constexpr):
-    """One tile's fp16 steps ``[N, D/GS]`` and residuals ``[N]`` (0 where ``~pm``)."""
+    """One tile's fp16 steps ``[N, D/GS]`` and fp32 residuals ``[N]`` (0 where ``~pm``); one step per token
+    (``NGT == 1``): both in one fp32 tile ``[N, 2]`` (step, residual), brought to the dot's layout by one
+    conversion."""
     p64 = pos.to(tl.int64)
-    g = tl.arange(0, NGT)
-    steps = tl.load(scale_base + p64[:, None] * NGT + g[None, :], mask=pm[:, None], other=0.0)
-    return steps, tl.load(res_base + p64, mask=pm, other=0.0)
+    if NGT == 1:
+        c = tl.arange(0, 2)
+        off = p64[:, None] + 0 * c[None, :]
+        step = tl.load(scale_base + off, mask=pm[:, None] & (c == 0)[None, :], other=0.0)
+        res = tl.load(res_base + off, mask=pm[:, None] & (c == 1)[None, :], other=0.0)
+        meta = tl.where((c == 0)[None, :], step.to(tl.float32), res)
+    else:
+        g = tl.arange(0, NGT)
+        meta = (
+            tl.load(scale_base + p64[:, None] * NGT + g[None, :], mask=pm[:, None], other=0.0),
+            tl.load(res_base + p64, mask=pm, other=0.0),
+        )
+    return meta
+
+
+@triton.jit
+def _tile_steps(meta, NGT: tl.constexpr):
+    """A tile's steps per channel group (a tuple of ``[N]``), its largest step and its residuals ``[N]``."""
+    if NGT == 1:
+        step, res = tl.split(meta)
+        steps = (step,)
+        mstep = step
+    else:
+        stepf = meta[0].to(tl.float32)
+        res = meta[1]
+        steps = ()
+        for g in tl.static_range(NGT):
+            steps += (tl.sum(tl.where((tl.arange(0, NGT) == g)[None, :], stepf, 0.0), axis=1),)
+        mstep = tl.max(stepf, axis=1)
+    return steps, mstep, res
+
+
+@triton.jit
+def _max2(a, b, c, d):
+    return tl.maximum(a, c), tl.maximum(b, d)
 
 
 @triton.jit
@@ -256,13 +268,13 @@ def score_kernel(
             qs = qf / tl.where(amax > 0, amax, 1.0)[:, None]  # ‖q‖₂ = max|q|·‖q/max|q|‖₂: no under/overflow
             emul = zmul * amax * tl.sqrt(tl.sum(qs * qs, axis=1))  # (α−1)·scale·‖q‖₂ per row
             # Codes are read in chunks of CW bytes (int4: channel j in the low nibble of byte j, channel
-            # j + D/2 in the high one) and scored per channel group by int8 dots, q = s1·c1 + s2·c2 + e with
-            # int8 c1, c2 per group; the e term (qerr per unit step) joins the bound.
+            # j + D/2 in the high one) and scored per channel group by int8 dots, q = s·(c1 + c2/128) + e with
+            # int8 c1, c2; the e term (qerr per unit step) joins the bound.
             W: tl.constexpr = D if SRC == 1 else D // 2
             NGT: tl.constexpr = D // GS
             CW: tl.constexpr = GS if GS >= 32 else 32  # int8 dots take K ≥ 32
             CMAX: tl.constexpr = 127 if SRC == 1 else 7
-            qca, qsa, qcb, qsb, qerr = _qenc(
+            c1s, c2s, qmul, qerr = _qenc(
                 q_ptr, b, kvh, sqb, sqh, sql, zmul, G, LQ, R, RS, RP, D, W, GS, CW, CMAX,
                 16 if SRC == 2 else 1, PACK,
             )  # fmt: skip
@@ -285,7 +297,7 @@ def score_kernel(
         nxt = start + tl.arange(0, BLOCK_N)
         bias_nxt = load_bias(bias_base, hq, qp, rmask, nxt, nxt < end, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
         if SRC != 0:
-            steps_nxt, res_nxt = _sketch_meta(scale_base, res_base, nxt, nxt < end, NGT)
+            meta_nxt = _sketch_meta(scale_base, res_base, nxt, nxt < end, NGT)
         for n0 in range(start, end, BLOCK_N):
             # Key and code tiles are pipelined by Triton (async copies through shared memory). The bias and
             # a sketch's steps and residuals — loads too narrow for async copies — are loaded a tile ahead by
@@ -304,10 +316,10 @@ def score_kernel(
                 zlo = mm(qc, tl.trans(cvt(kt, F32)), F32) * zmul + bias * bmul
                 zhi = zlo
             else:
-                steps, res = steps_nxt, res_nxt
-                steps_nxt, res_nxt = _sketch_meta(scale_base, res_base, nxt, nxt < end, NGT)
-                stepf = steps.to(tl.float32)
+                steps, mstep, res = _tile_steps(meta_nxt, NGT)
+                meta_nxt = _sketch_meta(scale_base, res_base, nxt, nxt < end, NGT)
                 p64 = pos.to(tl.int64)
+                qk = tl.zeros([RS, BLOCK_N], tl.float32)
                 for c in tl.static_range(W // CW):
                     x = tl.load(
                         code_base + p64[:, None] * W + c * CW + tl.arange(0, CW)[None, :],
@@ -319,33 +331,23 @@ def score_kernel(
                     for h in tl.static_range(SRC):
                         y = x if SRC == 1 else (x_lo if h == 0 else x_hi)
                         for j in tl.static_range(CW // GS):
-                            g_part = _group_score(
-                                qca,
-                                qsa,
-                                qcb,
-                                qsb,
-                                h * (W // GS) + c * (CW // GS) + j,
-                                y,
-                                stepf,
-                                RS,
-                                BLOCK_N,
-                                NGT,
-                                PACK,
+                            qk = _group_score(
+                                qk, c1s, c2s, h * (W // GS) + c * (CW // GS) + j, y, steps, RS, PACK
                             )
-                            if h + c + j == 0:
-                                qk = g_part
-                            else:
-                                qk += g_part
-                qeps = qerr[:, None] * tl.max(stepf, axis=1)[None, :]  # Σ_g ‖e_g‖₁·CMAX·step_g ≤ this
                 live = bias > NEG_INF  # the sketch of a masked position may be anything, even NaN
-                zc = qk * zmul + bias * bmul
-                zc_lo = zc - qeps
-                zc_hi = zc + qeps
-                # fma onto the dot's tile: the residual term is formed in the dot's layout (a separate product
-                # would be formed in the loads' layout and the whole tile converted through shared memory)
-                zlo = tl.where(live, tl.fma(-emul[:, None], res[None, :], zc_lo), NEG_INF)
-                zhi = tl.where(live, tl.fma(emul[:, None], res[None, :], zc_hi), NEG_INF)
-            runmax = tl.maximum(runmax, tl.max(zlo, axis=1))
+                zc = tl.fma(qk, qmul[:, None], bias * bmul)
+                # the bound: Σ_g ‖e_g‖₁·CMAX·step_g ≤ qerr·max step, plus ‖q‖₂·r; fma onto the dot's tile, so
+                # the per-token vectors are brought to its layout (not the tile to theirs)
+                zlo = tl.fma(-qerr[:, None], mstep[None, :], tl.fma(-emul[:, None], res[None, :], zc))
+                zhi = tl.fma(qerr[:, None], mstep[None, :], tl.fma(emul[:, None], res[None, :], zc))
+                zlo = tl.where(live, zlo, NEG_INF)
+                zhi = tl.where(live, zhi, NEG_INF)
+            if SRC == 0:
+                tlo = tl.max(zlo, axis=1)
+                thi = tlo
+            else:
+                tlo, thi = tl.reduce((zlo, zhi), 1, _max2)  # one exchange between warps for both
+            runmax = tl.maximum(runmax, tlo)
             lastv = tl.maximum(lastv, tl.where(tokv, pos + 1, 0))
             if KEEP:
                 known = tl.maximum(known, pending)  # the previous exchange's answer, one tile late
@@ -353,9 +355,9 @@ def score_kernel(
                     old = tl.atomic_max(gmax_ptr + bh64 * RP + r, runmax, mask=rmask)
                     pending = tl.where(rmask, old, NEG_INF)
                 thr = tl.maximum(known, runmax) - 1.0
-                keep = tl.sum((zhi > thr[:, None]).to(tl.int32), axis=0) > 0
-                nk = tl.sum(keep.to(tl.int32))
-                if nk > 0:
+                if tl.max((thi > thr).to(tl.int32), axis=0) > 0:  # the tile keeps something (rare)
+                    keep = tl.sum((zhi > thr[:, None]).to(tl.int32), axis=0) > 0
+                    nk = tl.sum(keep.to(tl.int32), axis=0)
                     slot = cnt + tl.cumsum(keep.to(tl.int32), 0) - 1
                     ok = keep & (slot < segcap)
                     seg_store(idx_base, zlo_base, slot, ok, pos, zlo, zhi, segcap, r, rmask, R, SRC != 0)
