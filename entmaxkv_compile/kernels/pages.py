@@ -131,9 +131,10 @@ def page_score_kernel(
         bias = bias_nxt
         nxt = pos + BP * PS
         bias_nxt = _bias_raw(bias_base, hq, qp, rmask, nxt, nxt < t_end, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
-        empty = tl.max((kmn > kmx).to(tl.int32), axis=1) > 0
-        kmn = tl.where(empty[:, None], 0.0, kmn).to(kmn.dtype)
-        kmx = tl.where(empty[:, None], 0.0, kmx).to(kmx.dtype)
+        # empty pages (kmin = +inf > kmax = −inf in every channel: boxes are written whole) are told by their
+        # first channel and masked after the dots, where their inf/NaN stays in their own column
+        off0 = (bh64 * pcap + pg) * D
+        empty = tl.load(kmin_ptr + off0, mask=pm, other=0.0) > tl.load(kmax_ptr + off0, mask=pm, other=0.0)
         kabs = tl.maximum(tl.abs(kmn), tl.abs(kmx)).to(kmx.dtype)
         box = (
             mm(q_pos, tl.trans(kmx), F32)
@@ -141,7 +142,7 @@ def page_score_kernel(
             + slack * mm(q_abs, tl.trans(kabs), F32)
         )
         bmax, tlast = _bias_pages(bias, pos, rmask, RP, BP, PS, HAS_BIAS, BIAS_ROWS)
-        live = (bmax > NEG_INF) & (empty == 0)[None, :]
+        live = (bmax > NEG_INF) & ~empty[None, :]
         u = tl.where(live, box * zmul + bmax * bmul, NEG_INF)
         score = tl.max(u, axis=0)
         tl.store(pscore_ptr + bh64 * pcap + pg, score, mask=pm)
