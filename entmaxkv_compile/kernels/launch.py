@@ -10,9 +10,9 @@ Pipelines (each launch early-exits for groups in another mode):
 * ``dense``: score(exact, keep) → solve → [score(workspace) → solve(workspace)] → output; caches of at most
   ``WS_INLINE_MAX`` positions write the workspace in the first scoring pass and solve an overflowed group
   from it in the same solve launch, two launches fewer
-* ``certified``: probe → update(sketch) → score(sketch, keep) → solve(τ_low) → cand → solve → dense tail →
+* ``certified``: update(probes, sketch) → score(sketch, keep) → solve(τ_low) → cand → solve → dense tail →
   output → probe(record)
-* ``topk``: probe → update(boxes) → page scores → select → page gather → solve → dense tail → output →
+* ``topk``: update(probes, boxes) → page scores → select → page gather → solve → dense tail → output →
   probe(record)
 """
 
@@ -389,24 +389,23 @@ def _output(st: Step, sc: Scratch, site: SiteBuffers, nlast: int) -> None:
     )  # fmt: skip
 
 
-def _probe(st: Step, site: SiteBuffers, record: bool) -> None:
+def _probe(st: Step, site: SiteBuffers) -> None:
     k = st.k
     probe_kernel[(st.p.bh,)](
         k, site.wm, site.probe_pos, site.probe_rows, k.stride(0), k.stride(1), k.stride(2), st.p.hkv,
-        D=st.p.d, P=PROBES, RECORD=record, **st.pdl,
+        D=st.p.d, P=PROBES, **st.pdl,
     )  # fmt: skip
 
 
 def _update(st: Step, site: SiteBuffers, sc: Scratch) -> None:
     p, k = st.p, st.k
-    _probe(st, site, record=False)
     box = p.policy == "topk"
     sk = (site.codes, site.scales, site.res) if p.sk else (site.wm,) * 3
     update_kernel[(p.bh, p.nsplit)](
         k, st.bias, site.wm, site.vend, sc.mode, *sk, site.kmin if box else k, site.kmax if box else k,
-        sc.sel_hist if box else sc.mode,
+        sc.sel_hist if box else sc.mode, site.probe_pos, site.probe_rows,
         k.stride(0), k.stride(1), k.stride(2), *st.bst, p.hkv, p.s, p.s, p.n_pages,
-        D=p.d, GS=p.gs, SK=p.sk, BOX=box, PS=p.ps, BT=32, BPG=max(1, 64 // p.ps),
+        D=p.d, GS=p.gs, SK=p.sk, BOX=box, PS=p.ps, BT=32, BPG=max(1, 64 // p.ps), P=PROBES,
         **st.common(), **st.bias_flags(), **st.pdl,
     )  # fmt: skip
 
@@ -475,5 +474,5 @@ def decode(
         nlast = p.nsplit_p
     _dense(st, sc, first=False)
     _output(st, sc, site, nlast)
-    _probe(st, site, record=True)
+    _probe(st, site)
     return st.out

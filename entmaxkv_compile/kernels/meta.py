@@ -18,9 +18,10 @@ rounding slack
 ``γ·(2‖k̂‖₂ + r)`` (``γ = 2(D+2)·2⁻²⁴``) so ``|fl(q·k) − fl(q·k̂)| ≤ ‖q‖₂·r`` holds for computed scores.
 Any step gives a valid bound because ``r`` is measured against the stored reconstruction.
 
-``probe_kernel`` runs first: it re-reads ``P`` key rows per group recorded by the previous call and forces a
-rebuild when any changed (a new sequence written into the same cache can look like an append); after the
-output kernel has advanced ``wm`` it runs again to record the rows at positions spread over ``[0, wm)``.
+Probes: every ``update_kernel`` program re-reads the ``P`` key rows per group recorded by the previous call
+and rebuilds when any changed (a new sequence written into the same cache can look like an append; NaN keys
+always do); after the output kernel has advanced ``wm``, ``probe_kernel`` records the rows at positions
+spread over ``[0, wm)``.
 
 Boxes (``BOX``): element-wise min/max over a page's valid keys, in the key dtype (exact); +inf/−inf for a
 page without valid tokens. The output kernel advances ``wm`` at the end of the call.
@@ -61,38 +62,32 @@ def _valid_at(
 
 @triton.jit
 def probe_kernel(
-    k_ptr,
-    wm_ptr,
-    pos_ptr,
-    rows_ptr,
-    skb,
-    skh,
-    sks,
-    Hkv,
-    D: tl.constexpr,
-    P: tl.constexpr,
-    RECORD: tl.constexpr,
-    PDL: tl.constexpr,
+    k_ptr, wm_ptr, pos_ptr, rows_ptr, skb, skh, sks, Hkv, D: tl.constexpr, P: tl.constexpr, PDL: tl.constexpr
 ):
-    """``RECORD`` 0 (before the update): force a rebuild (``wm = −1``) where a recorded key row changed
-    (NaN keys: always). ``RECORD`` 1 (after the output kernel advanced ``wm``): record the rows at ``P``
-    positions spread over ``[0, wm)``."""
+    """After the output kernel advanced ``wm``: records the key rows at ``P`` positions spread over
+    ``[0, wm)`` (``update_kernel`` compares them at the next call)."""
     pdl_enter(PDL)
     bh = tl.program_id(0)
     bh64 = bh.to(tl.int64)
     k_base = k_ptr + (bh // Hkv).to(tl.int64) * skb + (bh % Hkv).to(tl.int64) * skh
     j = tl.arange(0, P)
     d = tl.arange(0, D)
-    rows = rows_ptr + (bh64 * P + j)[:, None] * D + d[None, :]
-    if RECORD:
-        pos = tl.maximum(tl.load(wm_ptr + bh) - 1, 0).to(tl.int64) * j // (P - 1)
-        tl.store(pos_ptr + bh64 * P + j, pos.to(tl.int32))
-        tl.store(rows, tl.load(k_base + pos[:, None] * sks + d[None, :]))
-    else:
-        pos = tl.load(pos_ptr + bh64 * P + j).to(tl.int64)
-        cur = tl.load(k_base + pos[:, None] * sks + d[None, :])
-        if tl.sum(tl.sum((cur != tl.load(rows)).to(tl.int32), axis=1), axis=0) > 0:
-            tl.store(wm_ptr + bh, -1)
+    pos = tl.maximum(tl.load(wm_ptr + bh) - 1, 0).to(tl.int64) * j // (P - 1)
+    tl.store(pos_ptr + bh64 * P + j, pos.to(tl.int32))
+    tl.store(
+        rows_ptr + (bh64 * P + j)[:, None] * D + d[None, :], tl.load(k_base + pos[:, None] * sks + d[None, :])
+    )
+
+
+@triton.jit
+def _probed_rows_changed(k_base, sks, pos_ptr, rows_ptr, bh64, D: tl.constexpr, P: tl.constexpr):
+    """Whether a key row recorded by ``probe_kernel`` differs from the cache now (NaN keys: always)."""
+    j = tl.arange(0, P)
+    d = tl.arange(0, D)
+    pos = tl.load(pos_ptr + bh64 * P + j).to(tl.int64)
+    cur = tl.load(k_base + pos[:, None] * sks + d[None, :])
+    rec = tl.load(rows_ptr + (bh64 * P + j)[:, None] * D + d[None, :])
+    return tl.sum(tl.sum((cur != rec).to(tl.int32), axis=1), axis=0) > 0
 
 
 @triton.jit
@@ -108,6 +103,8 @@ def update_kernel(
     kmin_ptr,
     kmax_ptr,
     hist_ptr,
+    probe_pos_ptr,
+    probe_rows_ptr,
     skb,
     skh,
     sks,
@@ -130,6 +127,7 @@ def update_kernel(
     PS: tl.constexpr,
     BT: tl.constexpr,
     BPG: tl.constexpr,
+    P: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BIAS_ROWS: tl.constexpr,
     PDL: tl.constexpr,
@@ -145,6 +143,8 @@ def update_kernel(
     bias_base = bias_ptr + b.to(tl.int64) * sbb
     k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
     wm = tl.load(wm_ptr + bh)
+    # every program compares the probed rows itself (L2 hits after the first): one launch fewer per step
+    wm = tl.where(_probed_rows_changed(k_base, sks, probe_pos_ptr, probe_rows_ptr, bh64, D, P), -1, wm)
     kept_prev = _valid_at(bias_base, hq, qp, rmask, wm - 1, S, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
     shrunk = (wm > 0) & (kept_prev == 0)
     jumped = _valid_at(bias_base, hq, qp, rmask, wm + LQ, S, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
