@@ -132,9 +132,12 @@ def page_score_kernel(
         nxt = pos + BP * PS
         bias_nxt = _bias_raw(bias_base, hq, qp, rmask, nxt, nxt < t_end, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
         # empty pages (kmin = +inf > kmax = −inf in every channel: boxes are written whole) are told by their
-        # first channel and masked after the dots, where their inf/NaN stays in their own column
+        # first channel and masked after the dots, where their inf/NaN stays in their own column (compared as
+        # the dots' operands: the interpreter holds bf16 as its uint16 bits)
         off0 = (bh64 * pcap + pg) * D
-        empty = tl.load(kmin_ptr + off0, mask=pm, other=0.0) > tl.load(kmax_ptr + off0, mask=pm, other=0.0)
+        empty = cvt(tl.load(kmin_ptr + off0, mask=pm, other=0.0), F32) > cvt(
+            tl.load(kmax_ptr + off0, mask=pm, other=0.0), F32
+        )
         kabs = tl.maximum(tl.abs(kmn), tl.abs(kmx)).to(kmx.dtype)
         box = (
             mm(q_pos, tl.trans(kmx), F32)
