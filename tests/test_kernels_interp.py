@@ -213,6 +213,18 @@ def test_sketch_bounds_contain_the_exact_scores(sketch, group, qmag):
     assert seen == plan.bh * s
 
 
+@pytest.mark.parametrize("sketch,group", [("int8", 64), ("int4", 32)])
+def test_sketch_bounds_hold_for_huge_queries(sketch, group):
+    """max|q| = 1e37 at D = 64 (D·max|q| overflows fp32) and keys so small that every fp16 step is 0: the
+    whole key is in the residual and the query-rounding term must stay finite (∞·0 made the bounds NaN and
+    dropped every token)."""
+    q, k, v = _inputs(1, 2, 2, 1, 64, 64, torch.float32, seed=3)
+    q, k = q * 1e37, k / 1e37
+    out, site, _ = _run("certified", q, k, v, None, 1.5, sketch=sketch, sketch_group=group, min_candidates=16)
+    assert not site.scales.any()
+    assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=1.5)) < 1e-5
+
+
 def test_auto_config_reaches_the_kernels_resolved():
     """``make_plan`` and ``decode`` resolve ``auto`` themselves (a short cache: the dense pipeline)."""
     q, k, v = _inputs(1, 2, 2, 1, 128, 64, torch.float32, seed=3)

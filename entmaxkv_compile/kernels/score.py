@@ -85,7 +85,8 @@ def _qenc(
         else:
             c1s += (c1,)
         c2s += (c2,)
-    qerr = zmul * CMAX * (el1 + D * amax * 1.9073486328125e-06)
+    # amax·(D·2⁻¹⁹), not (D·amax)·2⁻¹⁹: that overflows past 2¹²⁸/D, and ∞ times a zero step is NaN
+    qerr = zmul * CMAX * (el1 + amax * (D * 1.9073486328125e-06))
     qmul = s1 * (zmul / (128 * UNIT))
     if PACK:  # rows [0, RS) hold every row once
         qerr, _ = tl.split(tl.permute(tl.reshape(qerr, [2, RS]), (1, 0)))
