@@ -412,6 +412,43 @@ def test_topk_matches_reference(page_size, alpha, lengths, dtype):
     assert site.mode.tolist() == [0] * 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_page_scores_of_empty_pages_are_masked(monkeypatch, dtype):
+    """Pages whose boxes are empty (``kmin = +inf``, ``kmax = −inf``) although the bias lets them through —
+    the public API never makes them, so they are planted between the update and the page scoring — score
+    −inf (their inf/NaN stays in their own column of the dots), and every other page scores
+    ``(α−1)·max_rows u`` of the reference's bound on the same boxes."""
+    from entmaxkv_compile.reference.pages import page_upper_bound
+
+    q, k, v = _inputs(1, 2, 16, 1, 256, 64, dtype, seed=4)  # 16 rows: no padded row hides a NaN bound
+    cfg = EntmaxKVConfig(policy="topk", page_size=4, budget_pages=8)
+    plan = make_plan(tuple(q.shape), tuple(k.shape), 64, cfg, 8, 16)
+    site, sc = SiteBuffers(plan, q.device, k.dtype), Scratch(plan, q.device)
+    empty = torch.zeros(plan.bh, plan.n_pages, dtype=torch.bool)
+    empty[0, [0, 5, 33, 63]] = True  # first, last and pages inside one tile and slice
+    empty[1, 10:14] = True
+    real = launch.page_score_kernel
+
+    class Planting:
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                for box, fill in ((site.kmin, math.inf), (site.kmax, -math.inf)):
+                    box.view(plan.bh, plan.n_pages, plan.d)[empty] = fill
+                return real[grid](*args, **kw)
+
+            return run
+
+    monkeypatch.setattr(launch, "page_score_kernel", Planting())
+    decode(plan, sc, site, q, k, v, None, 0.25, 1.5, cfg)
+    kmin = site.kmin.view(1, plan.hkv, plan.n_pages, plan.d)
+    kmax = site.kmax.view(1, plan.hkv, plan.n_pages, plan.d)
+    u = page_upper_bound(q, kmin, kmax, 0.25, None, 4)  # [1, Hq, 1, P]
+    want = 0.5 * u.view(plan.hkv, plan.g, plan.n_pages).amax(1)
+    got = sc.pscore.view(plan.bh, plan.n_pages)
+    assert torch.isneginf(got[empty]).all() and torch.isneginf(want[empty]).all()
+    torch.testing.assert_close(got[~empty], want[~empty], rtol=1e-5, atol=1e-5)
+
+
 def test_topk_split_selection_breaks_ties_to_lowest_pages(monkeypatch):
     """Eight page slices per group select in parallel; most pages tie exactly (identical keys), so the cut
     falls inside a tie run that spans slices and the lowest tied pages must win, as in the reference (the
