@@ -225,6 +225,40 @@ def test_sketch_bounds_hold_for_huge_queries(sketch, group):
     assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=1.5)) < 1e-5
 
 
+@pytest.mark.parametrize("sketch,group", [("int8", 32), ("int4", 32), ("int4", 16)])
+def test_sketch_bounds_with_unequal_group_steps(sketch, group):
+    """Channel groups of very different magnitude (so every token's group steps differ by up to 10⁴):
+    each group's integer dot must be scaled by its own step — the bounds must contain the exact scores of
+    every token (a step applied to the wrong group breaks this, where keys with equal steps would not)."""
+    hkv, g, s, d = 2, 2, 64, 64
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(1, hkv * g, 1, d, generator=gen)
+    mag = 10.0 ** (4 * torch.rand(1, hkv, s, d // group, 1, generator=gen) - 2)
+    k = (torch.randn(1, hkv, s, d // group, group, generator=gen) * mag).reshape(1, hkv, s, d)
+    scale, alpha = 1e-4, 1.5  # all scores within 1 of the maximum: every token is kept with its bounds
+    cfg = EntmaxKVConfig(
+        policy="certified", sketch=sketch, sketch_group=group, candidate_fraction=1.0, min_candidates=s
+    )
+    plan = make_plan(tuple(q.shape), tuple(k.shape), d, cfg, 4, 16)
+    site, sc = SiteBuffers(plan, q.device, k.dtype), Scratch(plan, q.device)
+    st = Step(plan, q, k, k, None, scale, alpha)
+    _update(st, site, sc)
+    _score(st, sc, 0, sketch=site)
+    exact = (
+        (alpha - 1)
+        * scale
+        * torch.einsum("hd,hsd->hs", q[0, :, 0].double(), k[0].double().repeat_interleave(g, 0))
+    )
+    seen = 0
+    for seg in range(plan.bh * plan.nsplit):
+        pos, z = _kept(sc, plan, seg)
+        kvh, z = seg // plan.nsplit, z.double()
+        want = exact[kvh * g : (kvh + 1) * g][:, pos]
+        assert (z[0] <= want).all() and (z[1] >= want).all()
+        seen += len(pos)
+    assert seen == plan.bh * s
+
+
 def test_auto_config_reaches_the_kernels_resolved():
     """``make_plan`` and ``decode`` resolve ``auto`` themselves (a short cache: the dense pipeline)."""
     q, k, v = _inputs(1, 2, 2, 1, 128, 64, torch.float32, seed=3)
