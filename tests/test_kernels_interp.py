@@ -171,6 +171,36 @@ def _two_level_residual(x: Tensor) -> Tensor:
     return x
 
 
+def _assert_sketch_bounds(q: Tensor, k: Tensor, sketch: str, group: int, scale: float) -> SiteBuffers:
+    """Scores ``k`` from its sketch with ``scale`` small enough that every token lies within 1 of the
+    maximum, so every token is kept with its bounds; each bound must contain the exact score (strictly: the
+    bound covers fp32 rounding). Returns the site (its sketch)."""
+    (_, hq, _, d), (_, hkv, s, _) = q.shape, k.shape
+    g, alpha = hq // hkv, 1.5
+    cfg = EntmaxKVConfig(
+        policy="certified", sketch=sketch, sketch_group=group, candidate_fraction=1.0, min_candidates=s
+    )
+    plan = make_plan(tuple(q.shape), tuple(k.shape), d, cfg, 4, 16)
+    site, sc = SiteBuffers(plan, q.device, k.dtype), Scratch(plan, q.device)
+    st = Step(plan, q, k, k, None, scale, alpha)
+    _update(st, site, sc)
+    _score(st, sc, 0, sketch=site)
+    exact = (
+        (alpha - 1)
+        * scale
+        * torch.einsum("hd,hsd->hs", q[0, :, 0].double(), k[0].double().repeat_interleave(g, 0))
+    )
+    seen = 0
+    for seg in range(plan.bh * plan.nsplit):
+        pos, z = _kept(sc, plan, seg)
+        kvh, z = seg // plan.nsplit, z.double()
+        want = exact[kvh * g : (kvh + 1) * g][:, pos]
+        assert (z[0] <= want).all() and (z[1] >= want).all()
+        seen += len(pos)
+    assert seen == plan.bh * s
+    return site
+
+
 @pytest.mark.parametrize("sketch,group", [("int8", 64), ("int4", 32), ("int8", 16), ("int4", 16)])
 @pytest.mark.parametrize("qmag", [1.0, 1e-25])  # tiny queries: Σq² underflows unless the norm is scaled
 def test_sketch_bounds_contain_the_exact_scores(sketch, group, qmag):
@@ -188,29 +218,8 @@ def test_sketch_bounds_contain_the_exact_scores(sketch, group, qmag):
         codes[0, h, ::2] = qmax * torch.sign(_two_level_residual(q[0, h * g, 0])).long()
     codes[..., ::group] = qmax  # every channel group reaches qmax: its step is exactly 1/8
     k = codes / 8.0
-    scale, alpha = 1e-3, 1.5  # all scores within 1 of the maximum: every token is kept with its bounds
-    cfg = EntmaxKVConfig(
-        policy="certified", sketch=sketch, sketch_group=group, candidate_fraction=1.0, min_candidates=s
-    )
-    plan = make_plan(tuple(q.shape), tuple(k.shape), d, cfg, 4, 16)
-    site, sc = SiteBuffers(plan, q.device, k.dtype), Scratch(plan, q.device)
-    st = Step(plan, q, k, k, None, scale, alpha)
-    _update(st, site, sc)
-    _score(st, sc, 0, sketch=site)
+    site = _assert_sketch_bounds(q, k, sketch, group, 1e-3)
     assert site.res.max() < 0.01  # only the fp32 rounding allowance: the sketch is exact
-    exact = (
-        (alpha - 1)
-        * scale
-        * torch.einsum("hd,hsd->hs", q[0, :, 0].double(), k[0].double().repeat_interleave(g, 0))
-    )
-    seen = 0
-    for seg in range(plan.bh * plan.nsplit):
-        pos, z = _kept(sc, plan, seg)
-        kvh, z = seg // plan.nsplit, z.double()
-        want = exact[kvh * g : (kvh + 1) * g][:, pos]
-        assert (z[0] <= want).all() and (z[1] >= want).all()  # strictly: the bound covers fp32 rounding
-        seen += len(pos)
-    assert seen == plan.bh * s
 
 
 @pytest.mark.parametrize("sketch,group", [("int8", 64), ("int4", 32)])
@@ -235,28 +244,7 @@ def test_sketch_bounds_with_unequal_group_steps(sketch, group):
     q = torch.randn(1, hkv * g, 1, d, generator=gen)
     mag = 10.0 ** (4 * torch.rand(1, hkv, s, d // group, 1, generator=gen) - 2)
     k = (torch.randn(1, hkv, s, d // group, group, generator=gen) * mag).reshape(1, hkv, s, d)
-    scale, alpha = 1e-4, 1.5  # all scores within 1 of the maximum: every token is kept with its bounds
-    cfg = EntmaxKVConfig(
-        policy="certified", sketch=sketch, sketch_group=group, candidate_fraction=1.0, min_candidates=s
-    )
-    plan = make_plan(tuple(q.shape), tuple(k.shape), d, cfg, 4, 16)
-    site, sc = SiteBuffers(plan, q.device, k.dtype), Scratch(plan, q.device)
-    st = Step(plan, q, k, k, None, scale, alpha)
-    _update(st, site, sc)
-    _score(st, sc, 0, sketch=site)
-    exact = (
-        (alpha - 1)
-        * scale
-        * torch.einsum("hd,hsd->hs", q[0, :, 0].double(), k[0].double().repeat_interleave(g, 0))
-    )
-    seen = 0
-    for seg in range(plan.bh * plan.nsplit):
-        pos, z = _kept(sc, plan, seg)
-        kvh, z = seg // plan.nsplit, z.double()
-        want = exact[kvh * g : (kvh + 1) * g][:, pos]
-        assert (z[0] <= want).all() and (z[1] >= want).all()
-        seen += len(pos)
-    assert seen == plan.bh * s
+    _assert_sketch_bounds(q, k, sketch, group, 1e-4)
 
 
 def test_auto_config_reaches_the_kernels_resolved():
