@@ -66,10 +66,9 @@ def _qenc(
     integers (``UNIT`` the factor the codes carry: int4 nibbles are read as ``16·code``) and the bound term
     per unit step ``(α−1)·scale·CMAX·‖e‖₁`` plus a slack (``D·max|q|·2⁻¹⁹``) for the fp32 rounding."""
     rf = tl.arange(0, RP)
-    amax = tl.zeros([RP], tl.float32)
-    for g in tl.static_range(D // GS):  # the row maxima first (the query is loaded twice, once per program)
-        qd = _qgroup(q_ptr, b, kvh, sqb, sqh, sql, g, G, LQ, R, RS, RP, W, GS, CW)
-        amax = tl.maximum(amax, tl.max(tl.abs(qd), axis=1))
+    rr = rf % RS
+    qrow = load_q(q_ptr, b, kvh * G + rr // LQ, rr % LQ, rr < R, sqb, sqh, sql, D).to(tl.float32)
+    amax = tl.max(tl.abs(qrow), axis=1)  # one step for every group
     s1 = tl.where(amax > 1e-30, amax / 127.0, 1.0)
     s2 = s1 * 0.0078125
     c1s = ()
