@@ -112,18 +112,23 @@ def test_dense_support_sizes_and_workspace_fallback(inline, monkeypatch):
     assert site.support.tolist() == stats.support_size.flatten().tolist()
 
 
+@pytest.mark.parametrize("chunk", [4096, 16])
 @pytest.mark.parametrize("policy,alpha", [("dense", 1.5), ("dense", 1.25), ("certified", 2.0)])
-def test_long_lists_drop_entries_below_the_bracket(monkeypatch, policy, alpha):
-    """Lists longer than the solve block (shrunk to 16 here) drop entries ≤ τ₀ before Newton: τ, the output
-    and the support sizes stay exact."""
+def test_long_lists_solve_from_the_bracket(monkeypatch, policy, alpha, chunk):
+    """Segments longer than the solve's chunk (``chunk`` 16: read in two passes, histogram then the entries
+    above τ₀) or within one (4096: solved in registers), with the solve block shrunk to 16 so that lists
+    above τ₀ longer than it stream Newton from memory (KV head 0: every score equal, all 256 tokens in the
+    support): τ, the output and the support sizes stay exact."""
     import triton.language as tl
 
     from entmaxkv_compile.kernels import common
 
     monkeypatch.setattr(launch, "SOLVE_BLOCK", 16)
+    monkeypatch.setattr(launch, "SOLVE_CHUNK", chunk)
     monkeypatch.setattr(common, "SOLVE_SMALL", tl.constexpr(16))  # else lists ≤ 512 never stream
     q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.float32, seed=3, peaky=False)
-    q = q * 0.35  # every score within 1 of the maximum: lists of ~256 entries per row
+    q = q * 0.35  # every score within 1 of the maximum: segments of ~64 entries per row
+    q[:, :2] = 0.0
     out, site, cfg = _run(
         policy, q, k, v, None, alpha, n_programs=4, min_candidates=256, candidate_fraction=1.0
     )
@@ -131,6 +136,7 @@ def test_long_lists_drop_entries_below_the_bracket(monkeypatch, policy, alpha):
     assert _err(out, ref) < 1e-5
     assert site.mode.tolist() == [0 if policy == "certified" else 1] * 2
     assert site.support.tolist() == stats.support_size.flatten().tolist()
+    assert stats.support_size[0, :2].tolist() == [[256], [256]]
 
 
 @pytest.mark.parametrize(  # one step per token row or several (one int8 dot per channel group)

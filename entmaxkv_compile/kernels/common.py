@@ -122,10 +122,9 @@ def _newton(tau, f, g):
 
 
 @triton.jit
-def _newton_regs(z_ptr, n, tau, go, beta, MODE: tl.constexpr, N: tl.constexpr, MAXIT: tl.constexpr):
-    """Newton from ``tau`` on ``z_ptr[0:n]`` (``n ≤ N``) held in registers; one reduction per step."""
-    o = tl.arange(0, N)
-    zr = tl.load(z_ptr + o, mask=o < n, other=NEG_INF)
+def newton_tile(z, tau, go, beta, MODE: tl.constexpr, MAXIT: tl.constexpr):
+    """Newton from ``tau`` on the register tile ``z`` (any shape, −inf where empty), one reduction a step."""
+    zr = tl.reshape(z, [z.numel])
     it = tl.full([], 0, tl.int32)
     while (it < MAXIT) & go:
         x = tl.maximum(zr - tau, 0.0)
@@ -133,6 +132,13 @@ def _newton_regs(z_ptr, n, tau, go, beta, MODE: tl.constexpr, N: tl.constexpr, M
         tau, go = _newton(tau, f, g)
         it += 1
     return tau
+
+
+@triton.jit
+def _newton_regs(z_ptr, n, tau, go, beta, MODE: tl.constexpr, N: tl.constexpr, MAXIT: tl.constexpr):
+    """Newton from ``tau`` on ``z_ptr[0:n]`` (``n ≤ N``) held in registers."""
+    o = tl.arange(0, N)
+    return newton_tile(tl.load(z_ptr + o, mask=o < n, other=NEG_INF), tau, go, beta, MODE, MAXIT)
 
 
 @triton.jit

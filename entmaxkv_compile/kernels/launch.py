@@ -37,6 +37,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 NVIDIA = not INTERPRET and torch.version.hip is None  # inline PTX and programmatic dependent launch
 MAXIT = 100
 SOLVE_BLOCK = 4096
+SOLVE_CHUNK = 4096  # segment entries the solve reads per step (segments × entries of each)
 OUT_SCAN = 1024
 OUT_BLOCK = 32
 OUT_SOLO = 64  # lists up to this long (a support, usually) are read by one program per row
@@ -359,10 +360,11 @@ def _solve(
     p = st.p
     idx, z, cnt, mx, nseg, segcap = segs or (sc.seg_idx, sc.seg_z, sc.seg_cnt, sc.seg_max, p.nsplit, p.segcap)
     nseg_p2 = _p2(nseg)
+    sb = max(16, min(_p2(segcap), SOLVE_CHUNK // nseg_p2))  # a segment never holds more than segcap
     solve_kernel[(p.bh, p.r)](
         idx, z, cnt, mx, sc.ws, sc.list_idx, sc.list_z, sc.list_n, tau, sc.mode,
         cand if cand is not None else sc.list_n, sc.last, nlast, min_ctx, p.s, nseg, segcap, p.cap2, capc,
-        st.beta, want_mode, ovf_mode, R=p.r, RP=p.rp, NSEG_P2=nseg_p2, SB=max(16, 2048 // nseg_p2),
+        st.beta, want_mode, ovf_mode, R=p.r, RP=p.rp, NSEG_P2=nseg_p2, SB=sb,
         BLOCK=SOLVE_BLOCK, FROM_WS=from_ws, COUNT_CAND=cand is not None, MODE=st.mode, MAXIT=MAXIT,
         NL_P2=_p2(max(nlast, 1)), WS_INLINE=ws_inline, SUPPORT_ONLY=tau is sc.tau, num_warps=8, **st.pdl,
     )  # fmt: skip

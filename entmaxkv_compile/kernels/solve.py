@@ -2,16 +2,18 @@
 
 Input: the group's segments (``NSEG`` of them, each ``(idx[segcap], z[R, segcap])`` with a count and a
 per-row maximum), or the dense workspace row (``FROM_WS``). Only entries with ``z > M − 1`` (``M`` the
-row maximum) can be in the support, so the program first compacts those into the row's *list*
-(``list_idx``, ``list_z``, ``list_n``), histogramming them on the way, and runs Newton on the list
-(:func:`common.solve_tau`) from the histogram's bracket ``τ₀ ≤ τ`` (:func:`common.bracket_start`); a list
-longer than one block first drops its entries ``≤ τ₀`` (never in the support), so Newton usually iterates
-on registers. The output kernel reads the same list; with ``SUPPORT_ONLY`` (the solve whose τ the output
-uses) a list of at most one block is cut to its support ``z > τ`` first, so the output reads a few entries
-per row instead of every candidate within 1 of the maximum. A group whose segments overflowed (count >
-``segcap``), whose total count exceeds ``capc`` or whose valid length (from the scoring pass's ``last``
-positions) is below ``min_ctx`` is switched to ``ovf_mode`` instead (every row reaches the same verdict);
-with ``WS_INLINE`` (the scoring pass also wrote the dense workspace) it is solved from the workspace at once.
+row maximum) can be in the support; a histogram of those gives a bracket ``τ₀ ≤ τ``
+(:func:`common.bracket_start`) and Newton runs from it. When every segment fits in one chunk of ``SB``
+entries (the usual case) the entries never leave registers: the histogram, Newton and the cut to the support
+work on the loaded chunk. Longer segments are read twice, a chunk at a time: once for the histogram, once to
+list only the entries above ``τ₀`` in the row's *list* (``list_idx``, ``list_z``, ``list_n``) — a few bins'
+worth, however many candidates the segments hold — and Newton runs on that list (:func:`common.solve_tau`).
+The output kernel reads the list; with ``SUPPORT_ONLY`` (the solve whose τ the output uses) it holds the
+support ``z > τ`` alone (a list above ``τ₀`` longer than one block stays as it is), so the output reads a
+few entries per row. A group whose segments overflowed (count > ``segcap``), whose total count exceeds
+``capc`` or whose valid length (from the scoring pass's ``last`` positions) is below ``min_ctx`` is switched
+to ``ovf_mode`` instead (every row reaches the same verdict); with ``WS_INLINE`` (the scoring pass also
+wrote the dense workspace) it is solved from the workspace at once.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, bracket_start, pdl_enter, solve_tau
+from .common import NEG_INF, bracket_start, newton_tile, pdl_enter, solve_tau
 
 NB: tl.constexpr = tl.constexpr(64)
 
@@ -40,6 +42,39 @@ def _compact_above(idx_ptr, z_ptr, n, tau0, BLOCK: tl.constexpr):
         tl.store(z_ptr + slot, z, mask=keep)
         cnt += tl.sum(ki)
     return cnt
+
+
+@triton.jit
+def _hist(z, lim, sl0, NEL: tl.constexpr):
+    """Histogram ``[2·NB]`` of a chunk ``z [·, SB]`` over ``[lim, lim + 1)`` in bins of ``1/NB``; entries
+    ``≤ lim`` are spread over bins ``≥ NB`` (ignored), so no bin takes every masked entry."""
+    b_i = tl.minimum(((z - lim) * NB).to(tl.int32), NB - 1)
+    b_i = tl.where(z > lim, b_i, NB + (sl0[None, :] % NB))
+    return tl.histogram(tl.reshape(b_i, [NEL]), 2 * NB)
+
+
+@triton.jit
+def _chunk(zp, ip, s0, sl0, smask, cnts, IDX: tl.constexpr):
+    """Entries ``[s0, s0 + SB)`` of every segment: ``z`` (−inf past a segment's count) and, with ``IDX``,
+    their positions."""
+    inr = smask[:, None] & (s0 + sl0[None, :] < cnts[:, None])
+    z = tl.load(zp + s0, mask=inr, other=NEG_INF)
+    idx = tl.load(ip + s0, mask=inr, other=0) if IDX else z
+    return z, idx
+
+
+@triton.jit
+def _write_above(idx_ptr, z_ptr, n, z, idx, thr):
+    """Appends a chunk's entries with ``z > thr`` to the list at ``n`` (order kept); the new count."""
+    keep = z > thr
+    ki = keep.to(tl.int32)
+    nk = tl.sum(ki)
+    if nk > 0:  # most chunks of a long row keep nothing: no scans for them
+        kc = tl.sum(ki, axis=1)
+        slot = n + (tl.cumsum(kc, 0) - kc)[:, None] + tl.cumsum(ki, 1) - 1
+        tl.store(idx_ptr + slot, idx, mask=keep)
+        tl.store(z_ptr + slot, z, mask=keep)
+    return n + nk
 
 
 @triton.jit
@@ -111,36 +146,42 @@ def solve_kernel(
             else:
                 if COUNT_CAND and r == 0:
                     tl.store(cand_ptr + bh, total)
+                lrow = row * cap2
                 sl0 = tl.arange(0, SB)
-                n = tl.full([], 0, tl.int32)
-                hist = tl.zeros([2 * NB], tl.int32)
-                zp = seg_z_ptr + (seg[:, None] * 2 * R + r) * segcap
-                ip = seg_idx_ptr + seg[:, None] * segcap
-                # each chunk's (z, idx) is loaded one chunk ahead: no chunk waits on its own loads
-                m_nx = smask[:, None] & (sl0[None, :] < cnts[:, None])
-                z_nx = tl.load(zp + sl0[None, :], mask=m_nx, other=NEG_INF)
-                i_nx = tl.load(ip + sl0[None, :], mask=m_nx, other=0)
-                for s0 in range(0, tl.max(cnts), SB):
-                    sl = s0 + sl0
-                    z, idx = z_nx, i_nx
-                    m_nx = smask[:, None] & (sl[None, :] + SB < cnts[:, None])
-                    z_nx = tl.load(zp + SB + sl[None, :], mask=m_nx, other=NEG_INF)
-                    i_nx = tl.load(ip + SB + sl[None, :], mask=m_nx, other=0)
-                    keep = z > zmax - 1.0
-                    ki = keep.to(tl.int32)
-                    kc = tl.sum(ki, axis=1)
-                    slot = n + (tl.cumsum(kc, 0) - kc)[:, None] + tl.cumsum(ki, 1) - 1
-                    tl.store(list_idx_ptr + row * cap2 + slot, idx, mask=keep)
-                    tl.store(list_z_ptr + row * cap2 + slot, z, mask=keep)
-                    n += tl.sum(kc)
-                    b_i = tl.minimum(((z - (zmax - 1.0)) * NB).to(tl.int32), NB - 1)
-                    b_i = tl.where(keep, b_i, NB + (sl[None, :] % NB))
-                    hist += tl.histogram(tl.reshape(b_i, [NSEG_P2 * SB]), 2 * NB)
-                tau0 = bracket_start(hist, zmax, beta, MODE, NB)
-                if n > BLOCK:  # τ ≥ τ₀: entries ≤ τ₀ are never in the support, drop them before Newton
-                    n = _compact_above(list_idx_ptr + row * cap2, list_z_ptr + row * cap2, n, tau0, BLOCK)
-                tau = solve_tau(list_z_ptr + row * cap2, n, zmax, tau0, beta, MODE, BLOCK, MAXIT)
+                zp = seg_z_ptr + (seg[:, None] * 2 * R + r) * segcap + sl0[None, :]
+                ip = seg_idx_ptr + seg[:, None] * segcap + sl0[None, :]
+                lim = zmax - 1.0
+                maxc = tl.max(cnts)
+                if maxc <= SB:  # one chunk: the list never leaves registers, only the support is written
+                    z, _ = _chunk(zp, ip, 0, sl0, smask, cnts, False)
+                    z = tl.where(z > lim, z, NEG_INF)
+                    tau0 = bracket_start(_hist(z, lim, sl0, NSEG_P2 * SB), zmax, beta, MODE, NB)
+                    tau = newton_tile(z, tau0, zmax > NEG_INF, beta, MODE, MAXIT)
+                    tau = tl.where(zmax > NEG_INF, tau, 0.0)
+                    n = tl.full([], 0, tl.int32)
+                    if SUPPORT_ONLY:
+                        idx = tl.load(ip, mask=z > tau, other=0)
+                        n = _write_above(list_idx_ptr + lrow, list_z_ptr + lrow, n, z, idx, tau)
+                else:
+                    # pass 1 histograms the entries within 1 of the maximum, pass 2 lists those above the
+                    # bracket τ₀ (the support and what lies just below it: a few bins' worth, however many
+                    # candidates the segments hold)
+                    hist = tl.zeros([2 * NB], tl.int32)
+                    z_nx, _ = _chunk(zp, ip, 0, sl0, smask, cnts, False)  # loads one chunk ahead
+                    for s0 in range(0, maxc, SB):
+                        z = z_nx
+                        z_nx, _ = _chunk(zp, ip, s0 + SB, sl0, smask, cnts, False)
+                        hist += _hist(z, lim, sl0, NSEG_P2 * SB)
+                    tau0 = bracket_start(hist, zmax, beta, MODE, NB)
+                    n = tl.full([], 0, tl.int32)
+                    z_nx, i_nx = _chunk(zp, ip, 0, sl0, smask, cnts, True)
+                    for s0 in range(0, maxc, SB):
+                        z, idx = z_nx, i_nx
+                        z_nx, i_nx = _chunk(zp, ip, s0 + SB, sl0, smask, cnts, True)
+                        n = _write_above(list_idx_ptr + lrow, list_z_ptr + lrow, n, z, idx, tau0)
+                    tl.debug_barrier()  # the list was written by every thread
+                    tau = solve_tau(list_z_ptr + lrow, n, zmax, tau0, beta, MODE, BLOCK, MAXIT)
+                    if SUPPORT_ONLY and (n <= BLOCK):  # the output then reads the support alone
+                        n = _compact_above(list_idx_ptr + lrow, list_z_ptr + lrow, n, tau, BLOCK)
                 tl.store(tau_ptr + bh64 * RP + r, tau)
-                if SUPPORT_ONLY and (n <= BLOCK):  # the output then reads the support alone, in one block
-                    n = _compact_above(list_idx_ptr + row * cap2, list_z_ptr + row * cap2, n, tau, BLOCK)
                 tl.store(list_n_ptr + row, n)
