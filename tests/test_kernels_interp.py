@@ -140,7 +140,7 @@ def test_long_lists_solve_from_the_bracket(monkeypatch, policy, alpha, chunk):
 
 
 @pytest.mark.parametrize(  # one step per token row or several (one int8 dot per channel group)
-    "sketch,group", [("int8", 16), ("int4", 16), ("int8", 64), ("int4", 32)]
+    "sketch,group", [("int8", 16), ("int4", 16), ("int8", 64), ("int4", 32), ("int4", 64)]
 )
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.25])
 def test_certified_is_exact(sketch, group, alpha):
@@ -207,7 +207,9 @@ def _assert_sketch_bounds(q: Tensor, k: Tensor, sketch: str, group: int, scale: 
     return site
 
 
-@pytest.mark.parametrize("sketch,group", [("int8", 64), ("int4", 32), ("int8", 16), ("int4", 16)])
+@pytest.mark.parametrize(
+    "sketch,group", [("int8", 64), ("int4", 32), ("int8", 16), ("int4", 16), ("int4", 64)]
+)
 @pytest.mark.parametrize("qmag", [1.0, 1e-25])  # tiny queries: Σq² underflows unless the norm is scaled
 def test_sketch_bounds_contain_the_exact_scores(sketch, group, qmag):
     """Keys the sketch holds exactly (no residual beyond the fp32 allowance), so the bound must carry all
@@ -228,7 +230,7 @@ def test_sketch_bounds_contain_the_exact_scores(sketch, group, qmag):
     assert site.res.max() < 0.01  # only the fp32 rounding allowance: the sketch is exact
 
 
-@pytest.mark.parametrize("sketch,group", [("int8", 64), ("int4", 32)])
+@pytest.mark.parametrize("sketch,group", [("int8", 64), ("int4", 32), ("int4", 64)])
 def test_sketch_bounds_hold_for_huge_queries(sketch, group):
     """max|q| = 1e37 at D = 64 (D·max|q| overflows fp32) and keys so small that every fp16 step is 0: the
     whole key is in the residual and the query-rounding term must stay finite (∞·0 made the bounds NaN and

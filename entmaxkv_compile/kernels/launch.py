@@ -189,7 +189,7 @@ def make_plan(
     policy = config.policy
     sk = SKETCH_BITS[config.sketch] if policy == "certified" else 0
     sk = {0: 0, 8: 1, 4: 2}[sk]
-    gs = max(16, min(config.group_size(d), d if sk == 1 else d // 2))
+    gs = max(16, min(config.group_size(d), d))
     ps = config.page_size
     n_pages = _cdiv(s, ps)
     bp = PAGE_TILE

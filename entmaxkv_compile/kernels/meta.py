@@ -158,38 +158,24 @@ def update_kernel(
             tl.store(hist_ptr + bh64 * 1024 + tl.arange(0, 1024), tl.zeros([1024], tl.int32))
     if SK != 0:
         NG: tl.constexpr = D // GS
-        g = tl.arange(0, NG // SK)
+        W: tl.constexpr = D if SK == 1 else D // 2
+        QMAX: tl.constexpr = 127.0 if SK == 1 else 7.0
         d = tl.arange(0, D)
+        w = tl.arange(0, W)
         for t0 in range(lo + pid * BT, hi, nu * BT):
             pos = t0 + tl.arange(0, BT)
             p64 = pos.to(tl.int64)
             pm = pos < hi
-            sptr = scale_ptr + (bh64 * cap + p64)[:, None] * NG + g[None, :]
-            if SK == 1:
-                kt = tl.load(k_base + p64[:, None] * sks + d[None, :], mask=pm[:, None], other=0.0).to(
-                    tl.float32
-                )
-                code, step, err, nrm = _quantize(kt, BT, D, GS, 127.0)
-                tl.store(
-                    code_ptr + (bh64 * cap + p64)[:, None] * D + d[None, :],
-                    code.to(tl.int8),
-                    mask=pm[:, None],
-                )
-                tl.store(sptr, step, mask=pm[:, None])
-            else:
-                h = tl.arange(0, D // 2)
-                kp = k_base + p64[:, None] * sks + h[None, :]
-                klo = tl.load(kp, mask=pm[:, None], other=0.0).to(tl.float32)
-                khi = tl.load(kp + D // 2, mask=pm[:, None], other=0.0).to(tl.float32)
-                clo, slo, elo, nlo = _quantize(klo, BT, D // 2, GS, 7.0)
-                chi, shi, ehi, nhi = _quantize(khi, BT, D // 2, GS, 7.0)
-                packed = (clo.to(tl.int32) & 15) | (chi.to(tl.int32) << 4)  # two's complement nibbles
-                cptr = code_ptr + (bh64 * cap + p64)[:, None] * (D // 2) + h[None, :]
-                tl.store(cptr, packed.to(tl.int8), mask=pm[:, None])
-                tl.store(sptr, slo, mask=pm[:, None])
-                tl.store(sptr + NG // 2, shi, mask=pm[:, None])
-                err = elo + ehi
-                nrm = nlo + nhi
+            kt = tl.load(k_base + p64[:, None] * sks + d[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
+            code, step, err, nrm = _quantize(kt, BT, D, GS, QMAX)
+            if SK == 2:  # channel j in the low nibble of byte j, channel j + D/2 in the high one
+                clo, chi = tl.split(tl.permute(tl.reshape(code, [BT, 2, W]), (0, 2, 1)))
+                code = (clo.to(tl.int32) & 15) | (chi.to(tl.int32) << 4)  # two's complement nibbles
+            tl.store(
+                code_ptr + (bh64 * cap + p64)[:, None] * W + w[None, :], code.to(tl.int8), mask=pm[:, None]
+            )
+            sptr = scale_ptr + (bh64 * cap + p64)[:, None] * NG + tl.arange(0, NG)[None, :]
+            tl.store(sptr, step, mask=pm[:, None])
             res = tl.sqrt(err)
             gamma: tl.constexpr = 2.0 * (D + 2) * 5.9604644775390625e-08
             tl.store(res_ptr + bh64 * cap + p64, res + gamma * (2.0 * tl.sqrt(nrm) + res), mask=pm)

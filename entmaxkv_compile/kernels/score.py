@@ -49,17 +49,18 @@ def _qenc(
     RP: tl.constexpr,
     D: tl.constexpr,
     W: tl.constexpr,
-    GS: tl.constexpr,
+    SW: tl.constexpr,
     CW: tl.constexpr,
     CMAX: tl.constexpr,
     UNIT: tl.constexpr,
     PACK: tl.constexpr,
 ):
     """The query rows as two int8 levels on one step per row, ``q = s·(c1 + c2/128) + e`` (``s =
-    max|q|/127``, so ``|c2| ≤ 64``), cut per channel group ``g`` (channels ``[g·GS, (g+1)·GS)``) into
-    ``[RP, CW]`` operands over the code chunk that holds the group (zero outside it); ``128·(c1·x) + c2·x``
-    is then exact in int32 (``< 2³⁰`` for chunks of ≤ 256 channels) and a group's scores are one integer per
-    token, so each group costs one conversion and one ``fma`` per score.
+    max|q|/127``, so ``|c2| ≤ 64``), cut per slot ``t`` (channels ``[t·SW, (t+1)·SW)``: a channel group, or a
+    code chunk's share of a group that spans chunks) into ``[RP, CW]`` operands over the code chunk that
+    holds the slot (zero outside it); ``128·(c1·x) + c2·x`` summed over a group's slots is then exact in int32
+    (``< 2³¹`` for ≤ 256 channels) and a group's scores are one integer per token, so each group costs one
+    conversion and one ``fma`` per score.
 
     Returns the operands (``PACK``: rows ``i`` and ``RS + i`` hold row ``i``'s ``c1`` and ``c2``, one dot
     yields both; else ``c1`` and ``c2`` apart), the per-row factor ``(α−1)·scale·s/(128·UNIT)`` of those
@@ -74,8 +75,8 @@ def _qenc(
     c1s = ()
     c2s = ()
     el1 = tl.zeros([RP], tl.float32)
-    for g in tl.static_range(D // GS):
-        qd = _qgroup(q_ptr, b, kvh, sqb, sqh, sql, g, G, LQ, R, RS, RP, W, GS, CW)
+    for t in tl.static_range(D // SW):
+        qd = _qslot(q_ptr, b, kvh, sqb, sqh, sql, t * SW, G, LQ, R, RS, RP, W, SW, CW)
         c1, e = _qcode(qd, s1)
         c2, e = _qcode(e, s2)
         el1 += tl.sum(tl.abs(e), axis=1)
@@ -94,29 +95,38 @@ def _qenc(
 
 
 @triton.jit
-def _qgroup(
-    q_ptr, b, kvh, sqb, sqh, sql, g, G: tl.constexpr, LQ: tl.constexpr, R: tl.constexpr, RS: tl.constexpr,
-    RP: tl.constexpr, W: tl.constexpr, GS: tl.constexpr, CW: tl.constexpr,
+def _qslot(
+    q_ptr, b, kvh, sqb, sqh, sql, ch0, G: tl.constexpr, LQ: tl.constexpr, R: tl.constexpr, RS: tl.constexpr,
+    RP: tl.constexpr, W: tl.constexpr, SW: tl.constexpr, CW: tl.constexpr,
 ):  # fmt: skip
-    """The query rows' channels of group ``g`` in the ``[RP, CW]`` chunk of codes that holds it (fp32, zero
-    on the chunk's other channels; row ``i`` at ``i mod RS``)."""
+    """The query rows' channels ``[ch0, ch0 + SW)`` in the ``[RP, CW]`` chunk of codes that holds them (fp32,
+    zero on the chunk's other channels; row ``i`` at ``i mod RS``)."""
     rr = tl.arange(0, RP) % RS
     col = tl.arange(0, CW)
-    c0 = (g * GS) // W * W + (g * GS) % W // CW * CW  # first channel of the group's chunk
-    sub = (g * GS) % CW
+    c0 = ch0 // W * W + ch0 % W // CW * CW  # first channel of the slot's chunk
+    sub = ch0 % CW
     qd = load_q(q_ptr + c0, b, kvh * G + rr // LQ, rr % LQ, rr < R, sqb, sqh, sql, CW).to(tl.float32)
-    return tl.where(((col >= sub) & (col < sub + GS))[None, :], qd, 0.0)
+    return tl.where(((col >= sub) & (col < sub + SW))[None, :], qd, 0.0)
 
 
 @triton.jit
-def _gdot(c1, c2, codes, RS: tl.constexpr, PACK: tl.constexpr):
-    """``128·(c1·codesᵀ) + c2·codesᵀ`` ``[RS, N]`` (int32, exact): one channel group on the tensor cores."""
-    a = tl.dot(c1, tl.trans(codes), out_dtype=tl.int32)
+def _gacc(a1, a2, c1, c2, codes, PACK: tl.constexpr):
+    """One slot's integer dots with the codes ``[N, CW]`` added to the raw accumulators on the tensor cores
+    (``PACK``: ``a1 [RP, N]`` holds both levels; else ``a1``, ``a2 [RS, N]`` one each)."""
+    a1 = tl.dot(c1, tl.trans(codes), a1, out_dtype=tl.int32)
+    if not PACK:
+        a2 = tl.dot(c2, tl.trans(codes), a2, out_dtype=tl.int32)
+    return a1, a2
+
+
+@triton.jit
+def _gsum(a1, a2, RS: tl.constexpr, PACK: tl.constexpr):
+    """``128·(c1·k̂) + c2·k̂`` ``[RS, N]`` (int32, exact) from the raw accumulators."""
     if PACK:
-        a1, a2 = tl.split(tl.permute(tl.reshape(a, [2, RS, codes.shape[0]]), (1, 2, 0)))
-        out = a1 * 128 + a2
+        x1, x2 = tl.split(tl.permute(tl.reshape(a1, [2, RS, a1.shape[1]]), (1, 2, 0)))
+        out = x1 * 128 + x2
     else:
-        out = a * 128 + tl.dot(c2, tl.trans(codes), out_dtype=tl.int32)
+        out = a1 * 128 + a2
     return out
 
 
@@ -124,7 +134,9 @@ def _gdot(c1, c2, codes, RS: tl.constexpr, PACK: tl.constexpr):
 def _group_score(qk, c1s, c2s, g: tl.constexpr, codes, steps, RS: tl.constexpr, PACK: tl.constexpr):
     """Adds channel group ``g``'s part of ``q·k̂`` (in units of the query's factor) to ``qk [RS, N]``: its
     integer dot with the codes ``[N, CW]`` of its chunk times its steps (``steps[g]``, ``[N]``)."""
-    return tl.fma(_gdot(c1s[g], c2s[g], codes, RS, PACK).to(tl.float32), steps[g][None, :], qk)
+    a = tl.zeros([c1s[g].shape[0], codes.shape[0]], tl.int32)
+    a1, a2 = _gacc(a, a, c1s[g], c2s[g], codes, PACK)
+    return tl.fma(_gsum(a1, a2, RS, PACK).to(tl.float32), steps[g][None, :], qk)
 
 
 @triton.jit
@@ -272,10 +284,12 @@ def score_kernel(
             # int8 c1, c2; the e term (qerr per unit step) joins the bound.
             W: tl.constexpr = D if SRC == 1 else D // 2
             NGT: tl.constexpr = D // GS
-            CW: tl.constexpr = GS if GS >= 32 else 32  # int8 dots take K ≥ 32
+            CWG: tl.constexpr = GS if GS >= 32 else 32  # int8 dots take K ≥ 32
+            CW: tl.constexpr = W if CWG > W else CWG  # int4 with one step per token: a group spans chunks
+            SW: tl.constexpr = GS if GS < CW else CW  # channels per query operand (a slot)
             CMAX: tl.constexpr = 127 if SRC == 1 else 7
             c1s, c2s, qmul, qerr = _qenc(
-                q_ptr, b, kvh, sqb, sqh, sql, zmul, G, LQ, R, RS, RP, D, W, GS, CW, CMAX,
+                q_ptr, b, kvh, sqb, sqh, sql, zmul, G, LQ, R, RS, RP, D, W, SW, CW, CMAX,
                 16 if SRC == 2 else 1, PACK,
             )  # fmt: skip
             code_base = code_ptr + bh64 * sk_cap * W
@@ -320,6 +334,8 @@ def score_kernel(
                 meta_nxt = _sketch_meta(scale_base, res_base, nxt, nxt < end, NGT)
                 p64 = pos.to(tl.int64)
                 qk = tl.zeros([RS, BLOCK_N], tl.float32)
+                a1 = tl.zeros([RP if PACK else RS, BLOCK_N], tl.int32)  # one step per token: every slot
+                a2 = tl.zeros([RS, BLOCK_N], tl.int32)  # adds its dots here, converted once
                 for c in tl.static_range(W // CW):
                     x = tl.load(
                         code_base + p64[:, None] * W + c * CW + tl.arange(0, CW)[None, :],
@@ -330,10 +346,14 @@ def score_kernel(
                         x_lo, x_hi = _nibbles(x, ASM)
                     for h in tl.static_range(SRC):
                         y = x if SRC == 1 else (x_lo if h == 0 else x_hi)
-                        for j in tl.static_range(CW // GS):
-                            qk = _group_score(
-                                qk, c1s, c2s, h * (W // GS) + c * (CW // GS) + j, y, steps, RS, PACK
-                            )
+                        for j in tl.static_range(CW // SW):
+                            t: tl.constexpr = (h * W + c * CW + j * SW) // SW
+                            if NGT == 1:
+                                a1, a2 = _gacc(a1, a2, c1s[t], c2s[t], y, PACK)
+                            else:  # a slot is a group
+                                qk = _group_score(qk, c1s, c2s, t, y, steps, RS, PACK)
+                if NGT == 1:
+                    qk = _gsum(a1, a2, RS, PACK).to(tl.float32) * steps[0][None, :]
                 live = bias > NEG_INF  # the sketch of a masked position may be anything, even NaN
                 zc = tl.fma(qk, qmul[:, None], bias * bmul)
                 # the bound: Σ_g ‖e_g‖₁·CMAX·step_g ≤ qerr·max step, plus ‖q‖₂·r; fma onto the dot's tile, so
