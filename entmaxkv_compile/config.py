@@ -48,8 +48,14 @@ class EntmaxKVConfig:
         Key sketch used by ``certified``: ``int8`` (tightest) or ``int4`` (half the bytes).
     sketch_group:
         Channels that share one quantisation step in the sketch (a power of two dividing the head dim).
-        ``None`` (default): one step per key row for ``int8`` — on the fidelity model as tight as groups of
-        32, with fewer bytes and a faster scoring pass (int8 tensor-core dots) — and 32 for ``int4``.
+        ``None`` (default): one step per key row — on the fidelity model as tight as groups of 32, with
+        fewer bytes and a faster scoring pass (one integer accumulator per token) — except for an unrotated
+        ``int4`` sketch, which takes groups of 32.
+    sketch_rotation:
+        Quantise ``R·k`` and score it with ``R·q`` (``R`` the normalised Hadamard matrix; exact, as
+        ``q·k = R·q·R·k``): spreads outlier channels over all of them, so one int4 step per key row keeps the
+        certificate about as tight as steps per 32 channels. ``None`` (default): on for ``int4``, off for
+        ``int8`` (as tight without it on the fidelity model).
     candidate_fraction, min_candidates:
         Static capacity of the certified candidate buffer, as a fraction of the cache length (with a floor).
         A head whose candidates overflow it is decoded densely (exact either way).
@@ -76,6 +82,7 @@ class EntmaxKVConfig:
     recent_pages: int = 2
     sketch: Sketch = "int8"
     sketch_group: int | None = None
+    sketch_rotation: bool | None = None
     candidate_fraction: float = 0.08
     min_candidates: int = 256
     adaptive_slack: float = 0.0
@@ -111,6 +118,8 @@ class EntmaxKVConfig:
         g = self.sketch_group
         if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 8 or g & (g - 1)):
             raise bad("sketch_group", "must be None or a power of two >= 8")
+        if self.sketch_rotation not in (None, True, False):
+            raise bad("sketch_rotation", "must be None, True or False")
         if not 0.0 < self.candidate_fraction <= 1.0:
             raise bad("candidate_fraction", "must be in (0, 1]")
         if self.adaptive_slack < 0:
@@ -120,7 +129,12 @@ class EntmaxKVConfig:
         """Channels per sketch quantisation step at ``head_dim`` (``sketch_group`` resolved)."""
         if self.sketch_group is not None:
             return self.sketch_group
-        return head_dim if self.sketch == "int8" else min(32, head_dim)
+        return head_dim if self.sketch == "int8" or self.rotate_sketch else min(32, head_dim)
+
+    @property
+    def rotate_sketch(self) -> bool:
+        """Whether the key sketch is of ``R·k`` (``sketch_rotation`` resolved)."""
+        return self.sketch == "int4" if self.sketch_rotation is None else self.sketch_rotation
 
     def resolve(self, capacity: int) -> EntmaxKVConfig:
         """The config a decode over a cache of ``capacity`` positions runs: ``auto`` becomes ``dense`` below

@@ -139,16 +139,18 @@ def test_long_lists_solve_from_the_bracket(monkeypatch, policy, alpha, chunk):
     assert stats.support_size[0, :2].tolist() == [[256], [256]]
 
 
-@pytest.mark.parametrize(  # one step per token row or several (one int8 dot per channel group)
-    "sketch,group", [("int8", 16), ("int4", 16), ("int8", 64), ("int4", 32), ("int4", 64)]
-)
+@pytest.mark.parametrize(  # one step per token row or several (one int8 dot per channel group); rotated
+    "sketch,group,rot",
+    [("int8", 16, False), ("int4", 16, False), ("int8", 64, False), ("int4", 32, False), ("int4", 64, True),
+     ("int8", 64, True)],
+)  # fmt: skip
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.25])
-def test_certified_is_exact(sketch, group, alpha):
+def test_certified_is_exact(sketch, group, rot, alpha):
     q, k, v = _inputs(2, 2, 2, 1, 192, 64, torch.float32, seed=1)
     bias = _mask(2, 192, [192, 150])
     out, site, cfg = _run(
-        "certified", q, k, v, bias, alpha, sketch=sketch, sketch_group=group, min_candidates=32,
-        candidate_fraction=0.5,
+        "certified", q, k, v, bias, alpha, sketch=sketch, sketch_group=group, sketch_rotation=rot,
+        min_candidates=32, candidate_fraction=0.5,
     )  # fmt: skip
     ref, stats = decode_attention(q, k, v, scale=64**-0.5 * 2, alpha=alpha, bias=bias, config=cfg)
     assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=alpha, bias=bias)) < 1e-5
@@ -177,15 +179,18 @@ def _two_level_residual(x: Tensor) -> Tensor:
     return x
 
 
-def _assert_sketch_bounds(q: Tensor, k: Tensor, sketch: str, group: int, scale: float) -> SiteBuffers:
-    """Scores ``k`` from its sketch with ``scale`` small enough that every token lies within 1 of the
-    maximum, so every token is kept with its bounds; each bound must contain the exact score (strictly: the
-    bound covers fp32 rounding). Returns the site (its sketch)."""
+def _assert_sketch_bounds(
+    q: Tensor, k: Tensor, sketch: str, group: int, scale: float, rot: bool = False
+) -> SiteBuffers:
+    """Scores ``k`` from its sketch (of ``R·k`` if ``rot``) with ``scale`` small enough that every token lies
+    within 1 of the maximum, so every token is kept with its bounds; each bound must contain the exact score
+    (strictly: the bound covers fp32 rounding). Returns the site (its sketch)."""
     (_, hq, _, d), (_, hkv, s, _) = q.shape, k.shape
     g, alpha = hq // hkv, 1.5
     cfg = EntmaxKVConfig(
-        policy="certified", sketch=sketch, sketch_group=group, candidate_fraction=1.0, min_candidates=s
-    )
+        policy="certified", sketch=sketch, sketch_group=group, sketch_rotation=rot, candidate_fraction=1.0,
+        min_candidates=s,
+    )  # fmt: skip
     plan = make_plan(tuple(q.shape), tuple(k.shape), d, cfg, 4, 16)
     site, sc = SiteBuffers(plan, q.device, k.dtype), Scratch(plan, q.device)
     st = Step(plan, q, k, k, None, scale, alpha)
@@ -237,7 +242,10 @@ def test_sketch_bounds_hold_for_huge_queries(sketch, group):
     dropped every token)."""
     q, k, v = _inputs(1, 2, 2, 1, 64, 64, torch.float32, seed=3)
     q, k = q * 1e37, k / 1e37
-    out, site, _ = _run("certified", q, k, v, None, 1.5, sketch=sketch, sketch_group=group, min_candidates=16)
+    out, site, _ = _run(
+        "certified", q, k, v, None, 1.5, sketch=sketch, sketch_group=group, sketch_rotation=group == 64,
+        min_candidates=16,
+    )  # fmt: skip
     assert not site.scales.any()
     assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=1.5)) < 1e-5
 
@@ -253,6 +261,21 @@ def test_sketch_bounds_with_unequal_group_steps(sketch, group):
     mag = 10.0 ** (4 * torch.rand(1, hkv, s, d // group, 1, generator=gen) - 2)
     k = (torch.randn(1, hkv, s, d // group, group, generator=gen) * mag).reshape(1, hkv, s, d)
     _assert_sketch_bounds(q, k, sketch, group, 1e-4)
+
+
+@pytest.mark.parametrize("sketch", ["int8", "int4"])
+def test_rotated_sketch_bounds(sketch):
+    """Keys with two outlier channels (8× the rest): the rotated sketch (one step per token) must bound
+    every exact score, and spread the outliers so its residuals are far below the unrotated sketch's."""
+    hkv, g, s, d = 2, 2, 64, 64
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, hkv * g, 1, d, generator=gen)
+    k = torch.randn(1, hkv, s, d, generator=gen)
+    k[..., 3] *= 8.0
+    k[..., 40] *= -8.0
+    rotated = _assert_sketch_bounds(q, k, sketch, d, 1e-4, rot=True)
+    plain = _assert_sketch_bounds(q, k, sketch, d, 1e-4, rot=False)
+    assert rotated.res.mean() < 0.5 * plain.res.mean()
 
 
 def test_auto_config_reaches_the_kernels_resolved():

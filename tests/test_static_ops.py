@@ -57,9 +57,12 @@ def test_topk_decomposition_matches_reference(dtype: torch.dtype, alpha: float, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
 @pytest.mark.parametrize("capacity", [24, 96])
-def test_certified_decomposition_matches_reference(dtype: torch.dtype, alpha: float, capacity: int) -> None:
+@pytest.mark.parametrize("sketch", [(8, 32, False), (4, 32, True)])  # (bits, group, rotated)
+def test_certified_decomposition_matches_reference(
+    dtype: torch.dtype, alpha: float, capacity: int, sketch: tuple[int, int, bool]
+) -> None:
     q, k, v, bias = _inputs(dtype)
-    args = (q, k, v, bias, SCALE, alpha, capacity, 8, 32)
+    args = (q, k, v, bias, SCALE, alpha, capacity, *sketch)
     out_ref, tokens_ref, cert_ref = torch.ops.entmaxkv.static_certified_attn(*args)
     out, tokens, cert = static_certified_decomposition(*args)
     assert _same_ids(tokens, tokens_ref)
@@ -68,17 +71,18 @@ def test_certified_decomposition_matches_reference(dtype: torch.dtype, alpha: fl
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
-def test_certified_rows_equal_dense(alpha: float) -> None:
+@pytest.mark.parametrize("rotate", [False, True])
+def test_certified_rows_equal_dense(alpha: float, rotate: bool) -> None:
     """The flag is a proof: every certified row equals dense entmax attention; both outcomes occur here."""
     q, k, v, bias = _inputs(torch.float32, seed=1)
-    out, _, cert = static_certified_decomposition(q, k, v, bias, SCALE, alpha, 64, 8, 32)
+    out, _, cert = static_certified_decomposition(q, k, v, bias, SCALE, alpha, 64, 8, 32, rotate)
     dense = dense_decode(q, k, v, scale=SCALE, alpha=alpha, bias=bias)
     err = (out - dense).abs().amax(-1)
     assert cert.any()
     assert err[cert].max() < 1e-5
     # with a tiny capacity, sharp scores (large scale) certify more rows than flat ones
-    wide = static_certified_decomposition(q, k, v, bias, 3.0, alpha, 8, 8, 32)[2]
-    narrow = static_certified_decomposition(q, k, v, bias, 0.05, alpha, 8, 8, 32)[2]
+    wide = static_certified_decomposition(q, k, v, bias, 3.0, alpha, 8, 8, 32, False)[2]
+    narrow = static_certified_decomposition(q, k, v, bias, 0.05, alpha, 8, 8, 32, False)[2]
     assert wide.sum() > narrow.sum() and not narrow.all()
 
 

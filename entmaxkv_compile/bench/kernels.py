@@ -59,6 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="default",
         help="comma list of sketch channel-group sizes (one step per group; 'default': the config's)",
     )
+    p.add_argument(
+        "--rotations",
+        default="default",
+        help="comma list of sketch rotations: on, off or 'default' (the config's: on for int4)",
+    )
     p.add_argument("--topk", default="64", help="comma list of n: top-k budgets of 1/n of the pages")
     p.add_argument("--reps", type=int, default=50, help="timed replays per variant (median)")
     p.add_argument("--warmup", type=int, default=5)
@@ -209,6 +214,7 @@ def _bench_case(
     records: list[dict] = []
     topk_divs = [int(x) for x in args.topk.split(",") if x]
     groups = [None if x == "default" else int(x) for x in args.sketch_groups.split(",")]
+    rotations = [{"default": None, "on": True, "off": False}[x] for x in args.rotations.split(",")]
     b, hq, hkv, d = shape["b"], shape["hq"], shape["hkv"], shape["d"]
     q, k, v, plants = planted(shape, s, fractions)
     bias = torch.zeros(b, 1, 1, s, device="cuda")
@@ -238,7 +244,12 @@ def _bench_case(
     )
 
     def ours(config: EntmaxKVConfig):
-        site = 100 * VARIANT_SITES[config.policy, config.sketch] + (config.sketch_group or 0).bit_length()
+        rot = {None: 0, True: 1, False: 2}[config.sketch_rotation]
+        site = (
+            100 * VARIANT_SITES[config.policy, config.sketch]
+            + 10 * rot
+            + (config.sketch_group or 0).bit_length()
+        )
         return site, lambda: ops_cuda.decode_site(q, k, v, bias, scale, ALPHA, site, config, n_programs)
 
     def metadata(config: EntmaxKVConfig) -> tuple[int, int]:
@@ -281,17 +292,20 @@ def _bench_case(
             runs=runs.policy, support=sup, modes=modes, metadata_bytes=meta,
         )  # fmt: skip
 
-    def certified_variant(frac: float, sk: str, group: int | None, dense_out: Tensor | None):
-        cfg = EntmaxKVConfig(policy="certified", sketch=sk, sketch_group=group)
+    def certified_variant(
+        frac: float, sk: str, group: int | None, rot: bool | None, dense_out: Tensor | None
+    ) -> None:
+        cfg = EntmaxKVConfig(policy="certified", sketch=sk, sketch_group=group, sketch_rotation=rot)
         site, fn = ours(cfg)
         out = fn().clone()
         cand, sup, modes = group_stats(site)
         gs, meta = metadata(cfg)
         name = f"certified-{sk}" + ("" if group is None else f"-g{gs}")
+        name += "" if rot is None else ("-rot" if rot else "-plain")
         record(
             name, fn, meta + cand * d * esize + sup * d * esize + b * s * 4, out, dense_out,
             fraction=frac, candidates_frac=cand / (b * hkv * s), support=sup, modes=modes,
-            metadata_bytes=meta,
+            metadata_bytes=meta, group=gs, rotated=cfg.rotate_sketch,
         )  # fmt: skip
 
     def topk_variant(div: int):
@@ -315,11 +329,12 @@ def _bench_case(
         guarded("auto", lambda f=frac, o=dense_out: auto_variant(f, o), fraction=frac)
         for sk in sketches:
             for gs in groups:
-                guarded(
-                    f"certified-{sk}",
-                    lambda f=frac, x=sk, g=gs, o=dense_out: certified_variant(f, x, g, o),
-                    fraction=frac,
-                )
+                for rot in rotations:
+                    guarded(
+                        f"certified-{sk}",
+                        lambda f=frac, x=sk, g=gs, r=rot, o=dense_out: certified_variant(f, x, g, r, o),
+                        fraction=frac,
+                    )
         if i == 0:
             for div in topk_divs:
                 guarded(f"topk-1/{div}", lambda x=div: topk_variant(x))

@@ -84,10 +84,10 @@ def run(args: argparse.Namespace) -> dict:
     text = load_text("val", args.sources.split(","), max_bytes=4 * need if args.smoke else None)
     kv_dtype = KV_DTYPES[args.kv_dtype]
     sections = args.sections.split(",")
-    policies = policy_table(args.context)
+    policies = policy_table(args.context, model.cfg.head_dim)
 
     def headline_at(context: int) -> list[Policy]:
-        return [p for p in policy_table(context) if p.headline]
+        return [p for p in policy_table(context, model.cfg.head_dim) if p.headline]
 
     result: dict = {
         "meta": {

@@ -202,8 +202,9 @@ def _certified(bits: int, group: int, bound: str, rounds: int, min_candidates: i
     return run
 
 
-def policy_table(context: int) -> list[Policy]:
-    """Every policy compared at ``context`` tokens (budgets are fractions of its pages)."""
+def policy_table(context: int, head_dim: int) -> list[Policy]:
+    """Every policy compared at ``context`` tokens (budgets are fractions of its pages; sketch groups that
+    divide ``head_dim``)."""
     out = [Policy("dense", "dense", _reference(EntmaxKVConfig(policy="dense")), {}, headline=True)]
 
     def pages(frac: float, ps: int) -> int:
@@ -228,13 +229,22 @@ def policy_table(context: int) -> list[Policy]:
         cfg = EntmaxKVConfig(policy="adaptive", page_size=16, budget_pages=pages(f, 16))
         name = f"adaptive p16 cap 1/{round(1 / f)}"
         out.append(Policy(name, "adaptive", _reference(cfg), {"cap": f}, f == 1 / 16))
-    for sketch, group in (("int8", 32), ("int8", 64), ("int4", 32), ("int4", 16), ("int4", 8)):
-        cfg = EntmaxKVConfig(policy="certified", sketch=sketch, sketch_group=group, candidate_fraction=1.0)
-        name = f"certified {sketch} g{group} l2 2r"
-        settings = {"sketch": sketch, "group": group, "bound": "l2", "rounds": 2}
-        out.append(Policy(name, "certified", _reference(cfg), settings, group == 32))
+    for sketch, group, rot in (
+        ("int8", 32, False), ("int8", 64, False), ("int4", 32, False), ("int4", 16, False),
+        ("int4", 8, False), ("int4", 32, True), ("int4", 64, True), ("int4", 128, True), ("int8", 128, True),
+    ):  # fmt: skip
+        if head_dim % group:
+            continue
+        cfg = EntmaxKVConfig(
+            policy="certified", sketch=sketch, sketch_group=group, sketch_rotation=rot, candidate_fraction=1.0
+        )
+        name = f"certified {sketch} g{group} l2 2r" + (" rot" if rot else "")
+        settings = {"sketch": sketch, "group": group, "bound": "l2", "rounds": 2, "rotated": rot}
+        out.append(Policy(name, "certified", _reference(cfg), settings, group == 32 and not rot))
     default = EntmaxKVConfig(policy="certified")
     out.append(Policy("certified default config", "certified", _reference(default), {"default": True}))
+    int4 = EntmaxKVConfig(policy="certified", sketch="int4")
+    out.append(Policy("certified int4 default config", "certified", _reference(int4), {"default": True}))
     for bits, group, bound, rounds in (
         (8, 32, "l2", 1),
         (4, 32, "l2", 1),

@@ -55,7 +55,7 @@ def _site_op(site: AttentionSite, config: EntmaxKVConfig) -> tuple[torch._ops.Op
             raise ValueError(f"sketch_group={group} must divide the head dim {head_dim}")
         capacity = max(config.min_candidates, math.ceil(config.candidate_fraction * seq_len))
         check_static_certified(seq_len, capacity)
-        args = (capacity, SKETCH_BITS[config.sketch], group)
+        args = (capacity, SKETCH_BITS[config.sketch], group, config.rotate_sketch)
         return torch.ops.entmaxkv.static_certified_attn.default, args
     except (ValueError, NotImplementedError) as err:
         raise type(err)(f"attention site {site.name}: {err}") from None

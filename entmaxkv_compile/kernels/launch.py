@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..config import EntmaxKVConfig
+from ..reference.sketch import rotation, rotation_eps
 from .meta import probe_kernel, update_kernel
 from .output import output_kernel
 from .pages import page_gather_kernel, page_score_kernel, select_hist_kernel, select_take_kernel
@@ -118,6 +119,7 @@ class Plan:
     sel_cap: int
     nsplit_t: int
     segcap_t: int
+    rot: bool  # the sketch is of R·k (EntmaxKVConfig.rotate_sketch)
 
     @property
     def bh(self) -> int:
@@ -201,7 +203,7 @@ def make_plan(
     segcap_t = _cdiv(sel_cap, nsplit_t) * ps if policy == "topk" else 0
     return Plan(
         b, hkv, hq // hkv, lq, s, d, dv, policy, bn, nsplit, split_len, segcap, capc, nso, sk, gs, ps,
-        n_pages, bp, pages_per_split, nsplit_p, sel_cap, nsplit_t, segcap_t,
+        n_pages, bp, pages_per_split, nsplit_p, sel_cap, nsplit_t, segcap_t, sk != 0 and config.rotate_sketch,
     )  # fmt: skip
 
 
@@ -270,6 +272,7 @@ class SiteBuffers:
             self.codes = torch.empty(p.bh * p.s * width, dtype=torch.int8, device=dev)
             self.scales = torch.empty(p.bh * p.s * (p.d // p.gs), dtype=torch.float16, device=dev)
             self.res = torch.empty(p.bh * p.s, dtype=torch.float32, device=dev)
+            self.rot = rotation(p.d).to(dev) if p.rot else self.res
         if p.policy == "topk":
             self.kmin = torch.empty(p.bh * p.n_pages * p.d, dtype=key_dtype, device=dev)
             self.kmax = torch.empty(p.bh * p.n_pages * p.d, dtype=key_dtype, device=dev)
@@ -298,6 +301,7 @@ class Step:
         self.zmul = (alpha - 1.0) * scale
         self.bmul = alpha - 1.0
         self.beta = 1.0 / (alpha - 1.0)
+        self.rot_eps = rotation_eps(plan.d) if plan.rot else 0.0
         self.mode = 2 if alpha == 2.0 else 1 if alpha == 1.5 else 0
         self.f32 = INTERPRET or q.dtype == torch.float32
         self.out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
@@ -329,15 +333,16 @@ def _score(
     dense workspace instead of keeping segments (exact passes of a ``ws_inline`` plan write it as well)."""
     p, q = st.p, st.q
     sk = p.sk if sketch is not None else 0
-    meta = (sketch.codes, sketch.scales, sketch.res) if sketch is not None else (q, q, q)
+    meta = (sketch.codes, sketch.scales, sketch.res, sketch.rot) if sketch is not None else (q,) * 4
     last = sc.last if sketch is not None else sc.last_tail
     vend = sketch.vend if sketch is not None else sc.mode
     score_kernel[(p.bh, p.nsplit)](
         q, st.k, st.bias, *meta, sc.seg_idx, sc.seg_z, sc.seg_cnt, sc.seg_max, last, sc.gmax, sc.ws,
-        sc.mode, vend, *st.qkb(), p.hkv, p.s, p.s, p.split_len, p.segcap, st.zmul, st.bmul, want_mode,
+        sc.mode, vend, *st.qkb(), p.hkv, p.s, p.s, p.split_len, p.segcap, st.zmul, st.bmul, st.rot_eps,
+        want_mode,
         D=p.d, BLOCK_N=p.block_sk if sk else p.block_n, SRC=sk, GS=p.gs, PACK=bool(sk) and p.packed,
         KEEP=not ws, WRITE_WS=ws or (not sk and p.ws_inline), REFILTER=bool(sk) or p.s <= REFILTER_EXACT_MAX,
-        ASM=NVIDIA, F32=st.f32, **st.pdl, **st.common(), **st.bias_flags(),
+        ASM=NVIDIA, ROT=bool(sk) and p.rot, F32=st.f32, **st.pdl, **st.common(), **st.bias_flags(),
         **_score_launch(st, sk),
     )  # fmt: skip
 
@@ -402,12 +407,12 @@ def _probe(st: Step, site: SiteBuffers) -> None:
 def _update(st: Step, site: SiteBuffers, sc: Scratch) -> None:
     p, k = st.p, st.k
     box = p.policy == "topk"
-    sk = (site.codes, site.scales, site.res) if p.sk else (site.wm,) * 3
+    sk = (site.codes, site.scales, site.res, site.rot) if p.sk else (site.wm,) * 4
     update_kernel[(p.bh, p.nsplit)](
         k, st.bias, site.wm, site.vend, sc.mode, *sk, site.kmin if box else k, site.kmax if box else k,
         sc.sel_hist if box else sc.mode, site.probe_pos, site.probe_rows,
-        k.stride(0), k.stride(1), k.stride(2), *st.bst, p.hkv, p.s, p.s, p.n_pages,
-        D=p.d, GS=p.gs, SK=p.sk, BOX=box, PS=p.ps, BT=32, BPG=max(1, 64 // p.ps), P=PROBES,
+        k.stride(0), k.stride(1), k.stride(2), *st.bst, p.hkv, p.s, p.s, p.n_pages, st.rot_eps,
+        D=p.d, GS=p.gs, SK=p.sk, BOX=box, PS=p.ps, BT=32, BPG=max(1, 64 // p.ps), P=PROBES, ROT=p.rot,
         **st.common(), **st.bias_flags(), **st.pdl,
     )  # fmt: skip
 

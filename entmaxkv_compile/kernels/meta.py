@@ -16,7 +16,9 @@ fp16, ``code = round(k/step)``, and the residual ``r = ‖k − k̂‖₂`` — 
 kernel forms it (integer dots per channel group, scaled by the step after the dot) — inflated by the fp32
 rounding slack
 ``γ·(2‖k̂‖₂ + r)`` (``γ = 2(D+2)·2⁻²⁴``) so ``|fl(q·k) − fl(q·k̂)| ≤ ‖q‖₂·r`` holds for computed scores.
-Any step gives a valid bound because ``r`` is measured against the stored reconstruction.
+Any step gives a valid bound because ``r`` is measured against the stored reconstruction. ``ROT``: the
+sketch is of ``R·k`` (``reference.sketch.rotation``), computed by fp32 dots, and ``r`` grows by
+``rot_eps·‖k‖₂``, which covers the distance from ``fl(R·k)`` to ``R·k``.
 
 Probes: every ``update_kernel`` program re-reads the ``P`` key rows per group recorded by the previous call
 and rebuilds when any changed (a new sequence written into the same cache can look like an append; NaN keys
@@ -100,6 +102,7 @@ def update_kernel(
     code_ptr,
     scale_ptr,
     res_ptr,
+    rot_ptr,
     kmin_ptr,
     kmax_ptr,
     hist_ptr,
@@ -116,6 +119,7 @@ def update_kernel(
     S,
     cap,
     pcap,
+    rot_eps,
     G: tl.constexpr,
     LQ: tl.constexpr,
     R: tl.constexpr,
@@ -130,6 +134,7 @@ def update_kernel(
     P: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BIAS_ROWS: tl.constexpr,
+    ROT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -167,6 +172,13 @@ def update_kernel(
             p64 = pos.to(tl.int64)
             pm = pos < hi
             kt = tl.load(k_base + p64[:, None] * sks + d[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
+            if ROT:  # the sketch of R·k: fl(R·k) is within rot_eps·‖k‖₂ of it, which joins the residual
+                kmax = tl.max(tl.abs(kt), axis=1)
+                ks = kt / tl.where(kmax > 0, kmax, 1.0)[:, None]  # ‖k‖₂ without under/overflow
+                slack = rot_eps * kmax * tl.sqrt(tl.sum(ks * ks, axis=1))
+                kt = tl.dot(
+                    kt, tl.trans(tl.load(rot_ptr + d[:, None] * D + d[None, :])), input_precision="ieee"
+                )
             code, step, err, nrm = _quantize(kt, BT, D, GS, QMAX)
             if SK == 2:  # channel j in the low nibble of byte j, channel j + D/2 in the high one
                 clo, chi = tl.split(tl.permute(tl.reshape(code, [BT, 2, W]), (0, 2, 1)))
@@ -177,6 +189,8 @@ def update_kernel(
             sptr = scale_ptr + (bh64 * cap + p64)[:, None] * NG + tl.arange(0, NG)[None, :]
             tl.store(sptr, step, mask=pm[:, None])
             res = tl.sqrt(err)
+            if ROT:
+                res += slack
             gamma: tl.constexpr = 2.0 * (D + 2) * 5.9604644775390625e-08
             tl.store(res_ptr + bh64 * cap + p64, res + gamma * (2.0 * tl.sqrt(nrm) + res), mask=pm)
     if BOX:

@@ -27,6 +27,21 @@ from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, pdl_enter, 
 
 
 @triton.jit
+def _qrows(
+    q_ptr, rot_ptr, b, hq, qp, rmask, sqb, sqh, sql, c0, CW: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr
+):  # fmt: skip
+    """Channels ``[c0, c0 + CW)`` of the rows' queries ``[RP, CW]`` in fp32: of ``R·q`` with ``ROT`` (``R``
+    the ``[D, D]`` fp32 rotation at ``rot_ptr``, fp32 dots), else as stored."""
+    if ROT:
+        qf = load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D).to(tl.float32)
+        rm = tl.load(rot_ptr + (c0 + tl.arange(0, CW))[:, None] * D + tl.arange(0, D)[None, :])
+        out = tl.dot(qf, tl.trans(rm), input_precision="ieee")
+    else:
+        out = load_q(q_ptr + c0, b, hq, qp, rmask, sqb, sqh, sql, CW).to(tl.float32)
+    return out
+
+
+@triton.jit
 def _qcode(x, s):
     """``round(x/s)`` as int8 codes (``|x| ≤ 127·s``) and the residual ``x − code·s`` (fp32)."""
     c = tl.floor(x / s[:, None] + 0.5)
@@ -36,6 +51,8 @@ def _qcode(x, s):
 @triton.jit
 def _qenc(
     q_ptr,
+    rot_ptr,
+    rot_e,
     b,
     kvh,
     sqb,
@@ -54,6 +71,7 @@ def _qenc(
     CMAX: tl.constexpr,
     UNIT: tl.constexpr,
     PACK: tl.constexpr,
+    ROT: tl.constexpr,
 ):
     """The query rows as two int8 levels on one step per row, ``q = s·(c1 + c2/128) + e`` (``s =
     max|q|/127``, so ``|c2| ≤ 64``), cut per slot ``t`` (channels ``[t·SW, (t+1)·SW)``: a channel group, or a
@@ -65,10 +83,12 @@ def _qenc(
     Returns the operands (``PACK``: rows ``i`` and ``RS + i`` hold row ``i``'s ``c1`` and ``c2``, one dot
     yields both; else ``c1`` and ``c2`` apart), the per-row factor ``(α−1)·scale·s/(128·UNIT)`` of those
     integers (``UNIT`` the factor the codes carry: int4 nibbles are read as ``16·code``) and the bound term
-    per unit step ``(α−1)·scale·CMAX·‖e‖₁`` plus a slack (``D·max|q|·2⁻¹⁹``) for the fp32 rounding."""
+    per unit step ``(α−1)·scale·CMAX·‖e‖₁`` plus a slack (``D·max|q|·2⁻¹⁹``) for the fp32 rounding; ``ROT``
+    (the rows are ``q̃ = fl(R·q)``) adds ``(α−1)·scale·rot_e·‖q̃‖₂·CMAX·√D`` for ``(R·q − q̃)·k̂``."""
     rf = tl.arange(0, RP)
     rr = rf % RS
-    qrow = load_q(q_ptr, b, kvh * G + rr // LQ, rr % LQ, rr < R, sqb, sqh, sql, D).to(tl.float32)
+    hq = kvh * G + rr // LQ
+    qrow = _qrows(q_ptr, rot_ptr, b, hq, rr % LQ, rr < R, sqb, sqh, sql, 0, D, D, ROT)
     amax = tl.max(tl.abs(qrow), axis=1)  # one step for every group
     s1 = tl.where(amax > 1e-30, amax / 127.0, 1.0)
     s2 = s1 * 0.0078125
@@ -76,7 +96,7 @@ def _qenc(
     c2s = ()
     el1 = tl.zeros([RP], tl.float32)
     for t in tl.static_range(D // SW):
-        qd = _qslot(q_ptr, b, kvh, sqb, sqh, sql, t * SW, G, LQ, R, RS, RP, W, SW, CW)
+        qd = _qslot(q_ptr, rot_ptr, b, kvh, sqb, sqh, sql, t * SW, G, LQ, R, RS, RP, D, W, SW, CW, ROT)
         c1, e = _qcode(qd, s1)
         c2, e = _qcode(e, s2)
         el1 += tl.sum(tl.abs(e), axis=1)
@@ -87,6 +107,9 @@ def _qenc(
         c2s += (c2,)
     # amax·(D·2⁻¹⁹), not (D·amax)·2⁻¹⁹: that overflows past 2¹²⁸/D, and ∞ times a zero step is NaN
     qerr = zmul * CMAX * (el1 + amax * (D * 1.9073486328125e-06))
+    if ROT:
+        qs = qrow / tl.where(amax > 0, amax, 1.0)[:, None]
+        qerr += zmul * CMAX * rot_e * amax * tl.sqrt(tl.sum(qs * qs, axis=1) * D)
     qmul = s1 * (zmul / (128 * UNIT))
     if PACK:  # rows [0, RS) hold every row once
         qerr, _ = tl.split(tl.permute(tl.reshape(qerr, [2, RS]), (1, 0)))
@@ -96,8 +119,9 @@ def _qenc(
 
 @triton.jit
 def _qslot(
-    q_ptr, b, kvh, sqb, sqh, sql, ch0, G: tl.constexpr, LQ: tl.constexpr, R: tl.constexpr, RS: tl.constexpr,
-    RP: tl.constexpr, W: tl.constexpr, SW: tl.constexpr, CW: tl.constexpr,
+    q_ptr, rot_ptr, b, kvh, sqb, sqh, sql, ch0, G: tl.constexpr, LQ: tl.constexpr, R: tl.constexpr,
+    RS: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, W: tl.constexpr, SW: tl.constexpr, CW: tl.constexpr,
+    ROT: tl.constexpr,
 ):  # fmt: skip
     """The query rows' channels ``[ch0, ch0 + SW)`` in the ``[RP, CW]`` chunk of codes that holds them (fp32,
     zero on the chunk's other channels; row ``i`` at ``i mod RS``)."""
@@ -105,7 +129,7 @@ def _qslot(
     col = tl.arange(0, CW)
     c0 = ch0 // W * W + ch0 % W // CW * CW  # first channel of the slot's chunk
     sub = ch0 % CW
-    qd = load_q(q_ptr + c0, b, kvh * G + rr // LQ, rr % LQ, rr < R, sqb, sqh, sql, CW).to(tl.float32)
+    qd = _qrows(q_ptr, rot_ptr, b, kvh * G + rr // LQ, rr % LQ, rr < R, sqb, sqh, sql, c0, CW, D, ROT)
     return tl.where(((col >= sub) & (col < sub + SW))[None, :], qd, 0.0)
 
 
@@ -209,6 +233,7 @@ def score_kernel(
     code_ptr,
     scale_ptr,
     res_ptr,
+    rot_ptr,
     seg_idx_ptr,
     seg_z_ptr,
     seg_cnt_ptr,
@@ -235,6 +260,7 @@ def score_kernel(
     segcap,
     zmul,
     bmul,
+    rot_eps,
     want_mode,
     G: tl.constexpr,
     LQ: tl.constexpr,
@@ -253,6 +279,7 @@ def score_kernel(
     PACK: tl.constexpr,
     REFILTER: tl.constexpr,
     ASM: tl.constexpr,
+    ROT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -275,10 +302,15 @@ def score_kernel(
             k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
             d = tl.arange(0, D)
         else:
-            qf = load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D).to(tl.float32)
+            # ROT: every query operand is of q̃ = fl(R·q) (the sketch is of R·k); R·q − q̃ costs the bound
+            # rot_e·‖q̃‖₂·‖k‖₂ ≤ rot_e·‖q̃‖₂·(‖k̂‖₂ + r), r covering the keys' side (update_kernel)
+            rot_e = rot_eps / (1.0 - rot_eps)
+            qf = _qrows(q_ptr, rot_ptr, b, hq, qp, rmask, sqb, sqh, sql, 0, D, D, ROT)
             amax = tl.max(tl.abs(qf), axis=1)
             qs = qf / tl.where(amax > 0, amax, 1.0)[:, None]  # ‖q‖₂ = max|q|·‖q/max|q|‖₂: no under/overflow
             emul = zmul * amax * tl.sqrt(tl.sum(qs * qs, axis=1))  # (α−1)·scale·‖q‖₂ per row
+            if ROT:
+                emul = emul * (1.0 + rot_e)
             # Codes are read in chunks of CW bytes (int4: channel j in the low nibble of byte j, channel
             # j + D/2 in the high one) and scored per channel group by int8 dots, q = s·(c1 + c2/128) + e with
             # int8 c1, c2; the e term (qerr per unit step) joins the bound.
@@ -289,8 +321,8 @@ def score_kernel(
             SW: tl.constexpr = GS if GS < CW else CW  # channels per query operand (a slot)
             CMAX: tl.constexpr = 127 if SRC == 1 else 7
             c1s, c2s, qmul, qerr = _qenc(
-                q_ptr, b, kvh, sqb, sqh, sql, zmul, G, LQ, R, RS, RP, D, W, SW, CW, CMAX,
-                16 if SRC == 2 else 1, PACK,
+                q_ptr, rot_ptr, rot_e, b, kvh, sqb, sqh, sql, zmul, G, LQ, R, RS, RP, D, W, SW, CW, CMAX,
+                16 if SRC == 2 else 1, PACK, ROT,
             )  # fmt: skip
             code_base = code_ptr + bh64 * sk_cap * W
             scale_base = scale_ptr + bh64 * sk_cap * NGT

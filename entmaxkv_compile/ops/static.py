@@ -5,7 +5,7 @@ Schemas (every shape is fixed by the input shapes and the integer arguments)::
     static_topk_attn(q[B,Hq,Lq,D], k[B,Hkv,S,D], v[B,Hkv,S,Dv], bias?, scale, alpha,
                      budget_pages, page_size, sink_pages, recent_pages)
         -> (out[B,Hq,Lq,Dv], pages[B,Hkv,sink+budget+recent] int64)
-    static_certified_attn(q, k, v, bias?, scale, alpha, capacity, sketch_bits, sketch_group)
+    static_certified_attn(q, k, v, bias?, scale, alpha, capacity, sketch_bits, sketch_group, sketch_rotate)
         -> (out[B,Hq,Lq,Dv], tokens[B,Hkv,capacity] int64, certified[B,Hq,Lq] bool)
 
 Their semantics, and their eager kernels, are :mod:`entmaxkv_compile.reference.static`. Export does not
@@ -122,14 +122,19 @@ def static_certified_attn(
     capacity: int,
     sketch_bits: int,
     sketch_group: int,
+    sketch_rotate: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     check_alpha(alpha)
     check_static_certified(k.shape[2], capacity)
-    return static_certified_reference(q, k, v, bias, scale, alpha, capacity, sketch_bits, sketch_group)
+    return static_certified_reference(
+        q, k, v, bias, scale, alpha, capacity, sketch_bits, sketch_group, sketch_rotate
+    )
 
 
 @static_certified_attn.register_fake
-def _(q, k, v, bias, scale, alpha, capacity, sketch_bits, sketch_group) -> tuple[Tensor, Tensor, Tensor]:
+def _(
+    q, k, v, bias, scale, alpha, capacity, sketch_bits, sketch_group, sketch_rotate
+) -> tuple[Tensor, Tensor, Tensor]:
     check_alpha(alpha)
     check_static_certified(k.shape[2], capacity)
     return (
@@ -236,9 +241,10 @@ def static_certified_decomposition(
     capacity: int,
     sketch_bits: int,
     sketch_group: int,
+    sketch_rotate: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`static_certified_attn` in exportable ops: ``topk(C + 1)`` gives the selection and next bound."""
-    bound = group_token_bounds(q, k, bias, scale, sketch_bits, sketch_group)  # [B, Hkv, S]
+    bound = group_token_bounds(q, k, bias, scale, sketch_bits, sketch_group, sketch_rotate)  # [B, Hkv, S]
     top, idx = bound.topk(capacity + 1, dim=-1)
     tokens = torch.where(top[..., :capacity] > -math.inf, idx[..., :capacity], -1)
     out, tau = _attend(q, k, v, bias, tokens, scale, alpha)

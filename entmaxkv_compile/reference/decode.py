@@ -166,7 +166,7 @@ def _certified_selection(
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
     bits = 8 if config.sketch == "int8" else 4
-    sketch = build_sketch(k, bits, config.group_size(d))
+    sketch = build_sketch(k, bits, config.group_size(d), config.rotate_sketch)
     s_hat, eps = sketch_score_bounds(q, sketch, scale)
     b_f = 0.0 if bias is None else bias.float()
     masked = s == NEG_INF

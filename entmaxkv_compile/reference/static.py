@@ -39,10 +39,16 @@ def full_bias(bias: Tensor | None, q: Tensor, seq_len: int) -> Tensor:
 
 
 def group_token_bounds(
-    q: Tensor, k: Tensor, bias: Tensor | None, scale: float, sketch_bits: int, sketch_group: int
+    q: Tensor,
+    k: Tensor,
+    bias: Tensor | None,
+    scale: float,
+    sketch_bits: int,
+    sketch_group: int,
+    sketch_rotate: bool,
 ) -> Tensor:
     """Key-sketch bounds ``ŝ + ε + bias`` shared by each KV group, ``[B, Hkv, S]`` fp32 (−inf = masked)."""
-    s_hat, eps = sketch_score_bounds(q, build_sketch(k, sketch_bits, sketch_group), scale)
+    s_hat, eps = sketch_score_bounds(q, build_sketch(k, sketch_bits, sketch_group, sketch_rotate), scale)
     return group_bound(s_hat + eps + full_bias(bias, q, k.shape[2]), k.shape[1])
 
 
@@ -93,9 +99,10 @@ def static_certified_reference(
     capacity: int,
     sketch_bits: int,
     sketch_group: int,
+    sketch_rotate: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Static certified decode: ``(out, tokens[B, Hkv, C] int64, certified[B, Hq, Lq] bool)``."""
-    bound = group_token_bounds(q, k, bias, scale, sketch_bits, sketch_group)
+    bound = group_token_bounds(q, k, bias, scale, sketch_bits, sketch_group, sketch_rotate)
     b, hkv, s = bound.shape
     keep = torch.zeros(b, hkv, s, dtype=torch.bool)
     next_bound = torch.full((b, hkv), -math.inf)
