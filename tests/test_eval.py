@@ -85,7 +85,9 @@ def test_custom_certified_matches_reference() -> None:
     q = 3 * torch.randn(2, 8, 1, 64)
     k = (torch.randn(2, 2, 300, 64) + torch.randn(2, 2, 1, 64)).bfloat16()
     v = torch.randn(2, 2, 300, 64).bfloat16()
-    cfg = EntmaxKVConfig(policy="certified", sketch="int4", sketch_group=16, candidate_fraction=1.0)
+    cfg = EntmaxKVConfig(
+        policy="certified", sketch="int4", sketch_group=16, sketch_rotation=False, candidate_fraction=1.0
+    )
     ref_out, ref = decode_attention(q, k, v, scale=0.125, alpha=1.5, config=cfg)
     out, st = _certified(4, 16, "l2", 2, cfg.min_candidates)(q, k, v, 0.125, None)
     assert torch.equal(st.selected, ref.selected)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..config import EntmaxKVConfig
-from ..reference.sketch import rotation, rotation_eps
+from ..reference.sketch import rotation_eps
 from .meta import probe_kernel, update_kernel
 from .output import output_kernel
 from .pages import page_gather_kernel, page_score_kernel, select_hist_kernel, select_take_kernel
@@ -272,7 +272,6 @@ class SiteBuffers:
             self.codes = torch.empty(p.bh * p.s * width, dtype=torch.int8, device=dev)
             self.scales = torch.empty(p.bh * p.s * (p.d // p.gs), dtype=torch.float16, device=dev)
             self.res = torch.empty(p.bh * p.s, dtype=torch.float32, device=dev)
-            self.rot = rotation(p.d).to(dev) if p.rot else self.res
         if p.policy == "topk":
             self.kmin = torch.empty(p.bh * p.n_pages * p.d, dtype=key_dtype, device=dev)
             self.kmax = torch.empty(p.bh * p.n_pages * p.d, dtype=key_dtype, device=dev)
@@ -333,7 +332,7 @@ def _score(
     dense workspace instead of keeping segments (exact passes of a ``ws_inline`` plan write it as well)."""
     p, q = st.p, st.q
     sk = p.sk if sketch is not None else 0
-    meta = (sketch.codes, sketch.scales, sketch.res, sketch.rot) if sketch is not None else (q,) * 4
+    meta = (sketch.codes, sketch.scales, sketch.res) if sketch is not None else (q, q, q)
     last = sc.last if sketch is not None else sc.last_tail
     vend = sketch.vend if sketch is not None else sc.mode
     score_kernel[(p.bh, p.nsplit)](
@@ -407,7 +406,7 @@ def _probe(st: Step, site: SiteBuffers) -> None:
 def _update(st: Step, site: SiteBuffers, sc: Scratch) -> None:
     p, k = st.p, st.k
     box = p.policy == "topk"
-    sk = (site.codes, site.scales, site.res, site.rot) if p.sk else (site.wm,) * 4
+    sk = (site.codes, site.scales, site.res) if p.sk else (site.wm,) * 3
     update_kernel[(p.bh, p.nsplit)](
         k, st.bias, site.wm, site.vend, sc.mode, *sk, site.kmin if box else k, site.kmax if box else k,
         sc.sel_hist if box else sc.mode, site.probe_pos, site.probe_rows,

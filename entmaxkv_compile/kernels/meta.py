@@ -17,7 +17,7 @@ kernel forms it (integer dots per channel group, scaled by the step after the do
 rounding slack
 ``γ·(2‖k̂‖₂ + r)`` (``γ = 2(D+2)·2⁻²⁴``) so ``|fl(q·k) − fl(q·k̂)| ≤ ‖q‖₂·r`` holds for computed scores.
 Any step gives a valid bound because ``r`` is measured against the stored reconstruction. ``ROT``: the
-sketch is of ``R·k`` (``reference.sketch.rotation``), computed by fp32 dots, and ``r`` grows by
+sketch is of ``R·k`` (``reference.sketch.rotation``, computed by ``common.rotate``), and ``r`` grows by
 ``rot_eps·‖k‖₂``, which covers the distance from ``fl(R·k)`` to ``R·k``.
 
 Probes: every ``update_kernel`` program re-reads the ``P`` key rows per group recorded by the previous call
@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, group_rows, load_bias, pdl_enter
+from .common import NEG_INF, group_rows, load_bias, pdl_enter, rotate
 
 
 @triton.jit
@@ -102,7 +102,6 @@ def update_kernel(
     code_ptr,
     scale_ptr,
     res_ptr,
-    rot_ptr,
     kmin_ptr,
     kmax_ptr,
     hist_ptr,
@@ -176,9 +175,7 @@ def update_kernel(
                 kmax = tl.max(tl.abs(kt), axis=1)
                 ks = kt / tl.where(kmax > 0, kmax, 1.0)[:, None]  # ‖k‖₂ without under/overflow
                 slack = rot_eps * kmax * tl.sqrt(tl.sum(ks * ks, axis=1))
-                kt = tl.dot(
-                    kt, tl.trans(tl.load(rot_ptr + d[:, None] * D + d[None, :])), input_precision="ieee"
-                )
+                kt = rotate(kt, D)
             code, step, err, nrm = _quantize(kt, BT, D, GS, QMAX)
             if SK == 2:  # channel j in the low nibble of byte j, channel j + D/2 in the high one
                 clo, chi = tl.split(tl.permute(tl.reshape(code, [BT, 2, W]), (0, 2, 1)))

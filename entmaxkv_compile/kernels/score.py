@@ -23,22 +23,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, pdl_enter, refilter, seg_store
+from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, pdl_enter, refilter, rotate, seg_store
 
 
 @triton.jit
-def _qrows(
-    q_ptr, rot_ptr, b, hq, qp, rmask, sqb, sqh, sql, c0, CW: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr
-):  # fmt: skip
-    """Channels ``[c0, c0 + CW)`` of the rows' queries ``[RP, CW]`` in fp32: of ``R·q`` with ``ROT`` (``R``
-    the ``[D, D]`` fp32 rotation at ``rot_ptr``, fp32 dots), else as stored."""
+def _qrows(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D: tl.constexpr, ROT: tl.constexpr):
+    """The rows' queries ``[RP, D]`` in fp32: ``fl(R·q)`` with ``ROT`` (``common.rotate``), else as stored."""
+    x = load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D).to(tl.float32)
     if ROT:
-        qf = load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D).to(tl.float32)
-        rm = tl.load(rot_ptr + (c0 + tl.arange(0, CW))[:, None] * D + tl.arange(0, D)[None, :])
-        out = tl.dot(qf, tl.trans(rm), input_precision="ieee")
-    else:
-        out = load_q(q_ptr + c0, b, hq, qp, rmask, sqb, sqh, sql, CW).to(tl.float32)
-    return out
+        x = rotate(x, D)
+    return x
 
 
 @triton.jit
@@ -51,7 +45,6 @@ def _qcode(x, s):
 @triton.jit
 def _qenc(
     q_ptr,
-    rot_ptr,
     rot_e,
     b,
     kvh,
@@ -88,7 +81,7 @@ def _qenc(
     rf = tl.arange(0, RP)
     rr = rf % RS
     hq = kvh * G + rr // LQ
-    qrow = _qrows(q_ptr, rot_ptr, b, hq, rr % LQ, rr < R, sqb, sqh, sql, 0, D, D, ROT)
+    qrow = _qrows(q_ptr, b, hq, rr % LQ, rr < R, sqb, sqh, sql, D, ROT)
     amax = tl.max(tl.abs(qrow), axis=1)  # one step for every group
     s1 = tl.where(amax > 1e-30, amax / 127.0, 1.0)
     s2 = s1 * 0.0078125
@@ -96,7 +89,7 @@ def _qenc(
     c2s = ()
     el1 = tl.zeros([RP], tl.float32)
     for t in tl.static_range(D // SW):
-        qd = _qslot(q_ptr, rot_ptr, b, kvh, sqb, sqh, sql, t * SW, G, LQ, R, RS, RP, D, W, SW, CW, ROT)
+        qd = _qslot(qrow, t * SW, RP, D, W, SW, CW)
         c1, e = _qcode(qd, s1)
         c2, e = _qcode(e, s2)
         el1 += tl.sum(tl.abs(e), axis=1)
@@ -119,17 +112,15 @@ def _qenc(
 
 @triton.jit
 def _qslot(
-    q_ptr, rot_ptr, b, kvh, sqb, sqh, sql, ch0, G: tl.constexpr, LQ: tl.constexpr, R: tl.constexpr,
-    RS: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, W: tl.constexpr, SW: tl.constexpr, CW: tl.constexpr,
-    ROT: tl.constexpr,
+    qrow, ch0, RP: tl.constexpr, D: tl.constexpr, W: tl.constexpr, SW: tl.constexpr, CW: tl.constexpr
 ):  # fmt: skip
-    """The query rows' channels ``[ch0, ch0 + SW)`` in the ``[RP, CW]`` chunk of codes that holds them (fp32,
-    zero on the chunk's other channels; row ``i`` at ``i mod RS``)."""
-    rr = tl.arange(0, RP) % RS
+    """The channels ``[ch0, ch0 + SW)`` of ``qrow [RP, D]`` in the ``[RP, CW]`` chunk of codes that holds
+    them (zero on the chunk's other channels)."""
     col = tl.arange(0, CW)
     c0 = ch0 // W * W + ch0 % W // CW * CW  # first channel of the slot's chunk
     sub = ch0 % CW
-    qd = _qrows(q_ptr, rot_ptr, b, kvh * G + rr // LQ, rr % LQ, rr < R, sqb, sqh, sql, c0, CW, D, ROT)
+    chunks = tl.reshape(qrow, [RP, D // CW, CW])
+    qd = tl.sum(tl.where((tl.arange(0, D // CW) == c0 // CW)[None, :, None], chunks, 0.0), axis=1)
     return tl.where(((col >= sub) & (col < sub + SW))[None, :], qd, 0.0)
 
 
@@ -233,7 +224,6 @@ def score_kernel(
     code_ptr,
     scale_ptr,
     res_ptr,
-    rot_ptr,
     seg_idx_ptr,
     seg_z_ptr,
     seg_cnt_ptr,
@@ -305,7 +295,7 @@ def score_kernel(
             # ROT: every query operand is of q̃ = fl(R·q) (the sketch is of R·k); R·q − q̃ costs the bound
             # rot_e·‖q̃‖₂·‖k‖₂ ≤ rot_e·‖q̃‖₂·(‖k̂‖₂ + r), r covering the keys' side (update_kernel)
             rot_e = rot_eps / (1.0 - rot_eps)
-            qf = _qrows(q_ptr, rot_ptr, b, hq, qp, rmask, sqb, sqh, sql, 0, D, D, ROT)
+            qf = _qrows(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D, ROT)
             amax = tl.max(tl.abs(qf), axis=1)
             qs = qf / tl.where(amax > 0, amax, 1.0)[:, None]  # ‖q‖₂ = max|q|·‖q/max|q|‖₂: no under/overflow
             emul = zmul * amax * tl.sqrt(tl.sum(qs * qs, axis=1))  # (α−1)·scale·‖q‖₂ per row
@@ -321,7 +311,7 @@ def score_kernel(
             SW: tl.constexpr = GS if GS < CW else CW  # channels per query operand (a slot)
             CMAX: tl.constexpr = 127 if SRC == 1 else 7
             c1s, c2s, qmul, qerr = _qenc(
-                q_ptr, rot_ptr, rot_e, b, kvh, sqb, sqh, sql, zmul, G, LQ, R, RS, RP, D, W, SW, CW, CMAX,
+                q_ptr, rot_e, b, kvh, sqb, sqh, sql, zmul, G, LQ, R, RS, RP, D, W, SW, CW, CMAX,
                 16 if SRC == 2 else 1, PACK, ROT,
             )  # fmt: skip
             code_base = code_ptr + bh64 * sk_cap * W
@@ -378,12 +368,16 @@ def score_kernel(
                         x_lo, x_hi = _nibbles(x, ASM)
                     for h in tl.static_range(SRC):
                         y = x if SRC == 1 else (x_lo if h == 0 else x_hi)
-                        for j in tl.static_range(CW // SW):
-                            t: tl.constexpr = (h * W + c * CW + j * SW) // SW
+                        for j in tl.static_range(CW // SW):  # slot (h·W + c·CW + j·SW) / SW
                             if NGT == 1:
-                                a1, a2 = _gacc(a1, a2, c1s[t], c2s[t], y, PACK)
+                                a1, a2 = _gacc(
+                                    a1, a2, c1s[(h * W + c * CW + j * SW) // SW],
+                                    c2s[(h * W + c * CW + j * SW) // SW], y, PACK,
+                                )  # fmt: skip
                             else:  # a slot is a group
-                                qk = _group_score(qk, c1s, c2s, t, y, steps, RS, PACK)
+                                qk = _group_score(
+                                    qk, c1s, c2s, (h * W + c * CW + j * SW) // SW, y, steps, RS, PACK
+                                )
                 if NGT == 1:
                     qk = _gsum(a1, a2, RS, PACK).to(tl.float32) * steps[0][None, :]
                 live = bias > NEG_INF  # the sketch of a masked position may be anything, even NaN
