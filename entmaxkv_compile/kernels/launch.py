@@ -224,6 +224,7 @@ class Scratch:
         self.last = torch.zeros(p.bh * max(p.nsplit, p.nsplit_p), dtype=i32, device=dev)
         self.last_tail = torch.zeros(nseg, dtype=i32, device=dev)
         self.gmax = torch.full((p.bh * p.rp,), -math.inf, dtype=f32, device=dev)
+        self.qrot = torch.empty(p.bh * p.rp * p.d if p.rot else 1, dtype=f32, device=dev)  # R·q per step
         self.mode = torch.zeros(p.bh, dtype=i32, device=dev)
         self.tau_low = torch.zeros(p.bh * p.rp, dtype=f32, device=dev)
         self.tau = torch.zeros(p.bh * p.rp, dtype=f32, device=dev)
@@ -332,7 +333,7 @@ def _score(
     dense workspace instead of keeping segments (exact passes of a ``ws_inline`` plan write it as well)."""
     p, q = st.p, st.q
     sk = p.sk if sketch is not None else 0
-    meta = (sketch.codes, sketch.scales, sketch.res) if sketch is not None else (q, q, q)
+    meta = (sketch.codes, sketch.scales, sketch.res, sc.qrot) if sketch is not None else (q, q, q, q)
     last = sc.last if sketch is not None else sc.last_tail
     vend = sketch.vend if sketch is not None else sc.mode
     score_kernel[(p.bh, p.nsplit)](
@@ -408,9 +409,10 @@ def _update(st: Step, site: SiteBuffers, sc: Scratch) -> None:
     box = p.policy == "topk"
     sk = (site.codes, site.scales, site.res) if p.sk else (site.wm,) * 3
     update_kernel[(p.bh, p.nsplit)](
-        k, st.bias, site.wm, site.vend, sc.mode, *sk, site.kmin if box else k, site.kmax if box else k,
-        sc.sel_hist if box else sc.mode, site.probe_pos, site.probe_rows,
-        k.stride(0), k.stride(1), k.stride(2), *st.bst, p.hkv, p.s, p.s, p.n_pages, st.rot_eps,
+        k, st.bias, site.wm, site.vend, sc.mode, *sk, st.q, sc.qrot, site.kmin if box else k,
+        site.kmax if box else k, sc.sel_hist if box else sc.mode, site.probe_pos, site.probe_rows,
+        *st.qkb()[:3], k.stride(0), k.stride(1), k.stride(2), *st.bst, p.hkv, p.s, p.s, p.n_pages,
+        st.rot_eps,
         D=p.d, GS=p.gs, SK=p.sk, BOX=box, PS=p.ps, BT=32, BPG=max(1, 64 // p.ps), P=PROBES, ROT=p.rot,
         **st.common(), **st.bias_flags(), **st.pdl,
     )  # fmt: skip

@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, group_rows, load_bias, pdl_enter, rotate
+from .common import NEG_INF, group_rows, load_bias, load_q, pdl_enter, rotate
 
 
 @triton.jit
@@ -102,11 +102,16 @@ def update_kernel(
     code_ptr,
     scale_ptr,
     res_ptr,
+    q_ptr,
+    qrot_ptr,
     kmin_ptr,
     kmax_ptr,
     hist_ptr,
     probe_pos_ptr,
     probe_rows_ptr,
+    sqb,
+    sqh,
+    sql,
     skb,
     skh,
     sks,
@@ -160,6 +165,10 @@ def update_kernel(
         tl.store(vend_ptr + bh, hi)  # no valid position at or past it: the sketch scan stops there
         if BOX:  # the top-k selection's radix histograms (the page scoring adds the first round)
             tl.store(hist_ptr + bh64 * 1024 + tl.arange(0, 1024), tl.zeros([1024], tl.int32))
+    if ROT and pid == 0:  # the group's query rows, rotated once for every scoring program (qrot[bh, r])
+        d = tl.arange(0, D)
+        qf = load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D).to(tl.float32)
+        tl.store(qrot_ptr + (bh64 * RP + r)[:, None] * D + d[None, :], rotate(qf, D))
     if SK != 0:
         NG: tl.constexpr = D // GS
         W: tl.constexpr = D if SK == 1 else D // 2

@@ -23,15 +23,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, pdl_enter, refilter, rotate, seg_store
+from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, pdl_enter, refilter, seg_store
 
 
 @triton.jit
-def _qrows(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D: tl.constexpr, ROT: tl.constexpr):
-    """The rows' queries ``[RP, D]`` in fp32: ``fl(R·q)`` with ``ROT`` (``common.rotate``), else as stored."""
-    x = load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D).to(tl.float32)
+def _qrows(
+    q_ptr, qrot_ptr, bh, b, kvh, r, rmask, sqb, sqh, sql, G: tl.constexpr, LQ: tl.constexpr, RP: tl.constexpr,
+    D: tl.constexpr, ROT: tl.constexpr,
+):  # fmt: skip
+    """The queries of group rows ``r`` in fp32 ``[len(r), D]``: ``fl(R·q)`` as ``update_kernel`` stored it
+    (``qrot[bh, r]``) with ``ROT``, else as given."""
     if ROT:
-        x = rotate(x, D)
+        d = tl.arange(0, D)
+        x = tl.load(
+            qrot_ptr + (bh.to(tl.int64) * RP + r)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0
+        )
+    else:
+        x = load_q(q_ptr, b, kvh * G + r // LQ, r % LQ, rmask, sqb, sqh, sql, D).to(tl.float32)
     return x
 
 
@@ -45,7 +53,9 @@ def _qcode(x, s):
 @triton.jit
 def _qenc(
     q_ptr,
+    qrot_ptr,
     rot_e,
+    bh,
     b,
     kvh,
     sqb,
@@ -80,8 +90,7 @@ def _qenc(
     (the rows are ``q̃ = fl(R·q)``) adds ``(α−1)·scale·rot_e·‖q̃‖₂·CMAX·√D`` for ``(R·q − q̃)·k̂``."""
     rf = tl.arange(0, RP)
     rr = rf % RS
-    hq = kvh * G + rr // LQ
-    qrow = _qrows(q_ptr, b, hq, rr % LQ, rr < R, sqb, sqh, sql, D, ROT)
+    qrow = _qrows(q_ptr, qrot_ptr, bh, b, kvh, rr, rr < R, sqb, sqh, sql, G, LQ, RP, D, ROT)
     amax = tl.max(tl.abs(qrow), axis=1)  # one step for every group
     s1 = tl.where(amax > 1e-30, amax / 127.0, 1.0)
     s2 = s1 * 0.0078125
@@ -224,6 +233,7 @@ def score_kernel(
     code_ptr,
     scale_ptr,
     res_ptr,
+    qrot_ptr,
     seg_idx_ptr,
     seg_z_ptr,
     seg_cnt_ptr,
@@ -292,10 +302,11 @@ def score_kernel(
             k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
             d = tl.arange(0, D)
         else:
-            # ROT: every query operand is of q̃ = fl(R·q) (the sketch is of R·k); R·q − q̃ costs the bound
+            # ROT: every query operand is of q̃ = fl(R·q) (the sketch is of R·k; update_kernel rotates the
+            # queries once per step); R·q − q̃ costs the bound
             # rot_e·‖q̃‖₂·‖k‖₂ ≤ rot_e·‖q̃‖₂·(‖k̂‖₂ + r), r covering the keys' side (update_kernel)
             rot_e = rot_eps / (1.0 - rot_eps)
-            qf = _qrows(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D, ROT)
+            qf = _qrows(q_ptr, qrot_ptr, bh, b, kvh, r, rmask, sqb, sqh, sql, G, LQ, RP, D, ROT)
             amax = tl.max(tl.abs(qf), axis=1)
             qs = qf / tl.where(amax > 0, amax, 1.0)[:, None]  # ‖q‖₂ = max|q|·‖q/max|q|‖₂: no under/overflow
             emul = zmul * amax * tl.sqrt(tl.sum(qs * qs, axis=1))  # (α−1)·scale·‖q‖₂ per row
@@ -311,7 +322,7 @@ def score_kernel(
             SW: tl.constexpr = GS if GS < CW else CW  # channels per query operand (a slot)
             CMAX: tl.constexpr = 127 if SRC == 1 else 7
             c1s, c2s, qmul, qerr = _qenc(
-                q_ptr, rot_e, b, kvh, sqb, sqh, sql, zmul, G, LQ, R, RS, RP, D, W, SW, CW, CMAX,
+                q_ptr, qrot_ptr, rot_e, bh, b, kvh, sqb, sqh, sql, zmul, G, LQ, R, RS, RP, D, W, SW, CW, CMAX,
                 16 if SRC == 2 else 1, PACK, ROT,
             )  # fmt: skip
             code_base = code_ptr + bh64 * sk_cap * W
