@@ -142,6 +142,16 @@ class Plan:
         return 0.0
 
     @property
+    def trans(self) -> bool:
+        """One step per row: the sketch pass scores tokens along the dot's rows (``_trans_operands``)."""
+        return self.sk != 0 and self.gs == self.d
+
+    @property
+    def rt(self) -> int:
+        """Score rows of a ``trans`` sketch pass (its dot has ``4·rt ≥ 16`` columns)."""
+        return max(4, _p2(self.r))
+
+    @property
     def packed(self) -> bool:
         """The sketch pass packs both int8 query levels into one dot per channel group (``2·R ≤ RP``)."""
         return self.sk != 0 and 2 * self.r <= self.rp
@@ -224,7 +234,7 @@ class Scratch:
         self.last = torch.zeros(p.bh * max(p.nsplit, p.nsplit_p), dtype=i32, device=dev)
         self.last_tail = torch.zeros(nseg, dtype=i32, device=dev)
         self.gmax = torch.full((p.bh * p.rp,), -math.inf, dtype=f32, device=dev)
-        self.qrot = torch.empty(p.bh * p.rp * p.d if p.rot else 1, dtype=f32, device=dev)  # R·q per step
+        self.qrot = torch.empty(p.bh * p.r * p.d if p.rot else 1, dtype=f32, device=dev)  # R·q per step
         self.mode = torch.zeros(p.bh, dtype=i32, device=dev)
         self.tau_low = torch.zeros(p.bh * p.rp, dtype=f32, device=dev)
         self.tau = torch.zeros(p.bh * p.rp, dtype=f32, device=dev)
@@ -341,6 +351,7 @@ def _score(
         sc.mode, vend, *st.qkb(), p.hkv, p.s, p.s, p.split_len, p.segcap, st.zmul, st.bmul, st.rot_eps,
         want_mode,
         D=p.d, BLOCK_N=p.block_sk if sk else p.block_n, SRC=sk, GS=p.gs, PACK=bool(sk) and p.packed,
+        TRANS=bool(sk) and p.trans, RT=p.rt,
         KEEP=not ws, WRITE_WS=ws or (not sk and p.ws_inline), REFILTER=bool(sk) or p.s <= REFILTER_EXACT_MAX,
         ASM=NVIDIA, ROT=bool(sk) and p.rot, F32=st.f32, **st.pdl, **st.common(), **st.bias_flags(),
         **_score_launch(st, sk),

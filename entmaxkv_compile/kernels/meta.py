@@ -168,7 +168,7 @@ def update_kernel(
     if ROT and pid == 0:  # the group's query rows, rotated once for every scoring program (qrot[bh, r])
         d = tl.arange(0, D)
         qf = load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D).to(tl.float32)
-        tl.store(qrot_ptr + (bh64 * RP + r)[:, None] * D + d[None, :], rotate(qf, D))
+        tl.store(qrot_ptr + (bh64 * R + r)[:, None] * D + d[None, :], rotate(qf, D), mask=rmask[:, None])
     if SK != 0:
         NG: tl.constexpr = D // GS
         W: tl.constexpr = D if SK == 1 else D // 2

@@ -28,7 +28,7 @@ from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, pdl_enter, 
 
 @triton.jit
 def _qrows(
-    q_ptr, qrot_ptr, bh, b, kvh, r, rmask, sqb, sqh, sql, G: tl.constexpr, LQ: tl.constexpr, RP: tl.constexpr,
+    q_ptr, qrot_ptr, bh, b, kvh, r, rmask, sqb, sqh, sql, G: tl.constexpr, LQ: tl.constexpr, R: tl.constexpr,
     D: tl.constexpr, ROT: tl.constexpr,
 ):  # fmt: skip
     """The queries of group rows ``r`` in fp32 ``[len(r), D]``: ``fl(R·q)`` as ``update_kernel`` stored it
@@ -36,7 +36,7 @@ def _qrows(
     if ROT:
         d = tl.arange(0, D)
         x = tl.load(
-            qrot_ptr + (bh.to(tl.int64) * RP + r)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0
+            qrot_ptr + (bh.to(tl.int64) * R + r)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0
         )
     else:
         x = load_q(q_ptr, b, kvh * G + r // LQ, r % LQ, rmask, sqb, sqh, sql, D).to(tl.float32)
@@ -75,6 +75,7 @@ def _qenc(
     UNIT: tl.constexpr,
     PACK: tl.constexpr,
     ROT: tl.constexpr,
+    TRANS: tl.constexpr,
 ):
     """The query rows as two int8 levels on one step per row, ``q = s·(c1 + c2/128) + e`` (``s =
     max|q|/127``, so ``|c2| ≤ 64``), cut per slot ``t`` (channels ``[t·SW, (t+1)·SW)``: a channel group, or a
@@ -83,37 +84,44 @@ def _qenc(
     (``< 2³¹`` for ≤ 256 channels) and a group's scores are one integer per token, so each group costs one
     conversion and one ``fma`` per score.
 
-    Returns the operands (``PACK``: rows ``i`` and ``RS + i`` hold row ``i``'s ``c1`` and ``c2``, one dot
-    yields both; else ``c1`` and ``c2`` apart), the per-row factor ``(α−1)·scale·s/(128·UNIT)`` of those
+    Returns the operands (``TRANS``: ``_trans_operands``; ``PACK``: rows ``i`` and ``RS + i`` hold row ``i``'s
+    ``c1`` and ``c2``, one dot yields both; else ``c1`` and ``c2`` apart), the per-row factor
+    ``(α−1)·scale·s/(128·UNIT)`` of those
     integers (``UNIT`` the factor the codes carry: int4 nibbles are read as ``16·code``) and the bound term
     per unit step ``(α−1)·scale·CMAX·‖e‖₁`` plus a slack (``D·max|q|·2⁻¹⁹``) for the fp32 rounding; ``ROT``
     (the rows are ``q̃ = fl(R·q)``) adds ``(α−1)·scale·rot_e·‖q̃‖₂·CMAX·√D`` for ``(R·q − q̃)·k̂``."""
     rf = tl.arange(0, RP)
     rr = rf % RS
-    qrow = _qrows(q_ptr, qrot_ptr, bh, b, kvh, rr, rr < R, sqb, sqh, sql, G, LQ, RP, D, ROT)
+    qrow = _qrows(q_ptr, qrot_ptr, bh, b, kvh, rr, rr < R, sqb, sqh, sql, G, LQ, R, D, ROT)
     amax = tl.max(tl.abs(qrow), axis=1)  # one step for every group
     s1 = tl.where(amax > 1e-30, amax / 127.0, 1.0)
     s2 = s1 * 0.0078125
     c1s = ()
     c2s = ()
     el1 = tl.zeros([RP], tl.float32)
-    for t in tl.static_range(D // SW):
-        qd = _qslot(qrow, t * SW, RP, D, W, SW, CW)
-        c1, e = _qcode(qd, s1)
+    if TRANS:
+        c1, e = _qcode(qrow, s1)
         c2, e = _qcode(e, s2)
         el1 += tl.sum(tl.abs(e), axis=1)
-        if PACK:
-            c1s += (tl.where((rf < RS)[:, None], c1, c2),)
-        else:
-            c1s += (c1,)
-        c2s += (c2,)
+        c1s = _trans_operands(c1.to(tl.float32), c2.to(tl.float32), RP, D, W, CW, D // W)
+    else:
+        for t in tl.static_range(D // SW):
+            qd = _qslot(qrow, t * SW, RP, D, W, SW, CW)
+            c1, e = _qcode(qd, s1)
+            c2, e = _qcode(e, s2)
+            el1 += tl.sum(tl.abs(e), axis=1)
+            if PACK:
+                c1s += (tl.where((rf < RS)[:, None], c1, c2),)
+            else:
+                c1s += (c1,)
+            c2s += (c2,)
     # amax·(D·2⁻¹⁹), not (D·amax)·2⁻¹⁹: that overflows past 2¹²⁸/D, and ∞ times a zero step is NaN
     qerr = zmul * CMAX * (el1 + amax * (D * 1.9073486328125e-06))
     if ROT:
         qs = qrow / tl.where(amax > 0, amax, 1.0)[:, None]
         qerr += zmul * CMAX * rot_e * amax * tl.sqrt(tl.sum(qs * qs, axis=1) * D)
     qmul = s1 * (zmul / (128 * UNIT))
-    if PACK:  # rows [0, RS) hold every row once
+    if PACK and not TRANS:  # rows [0, RS) hold every row once
         qerr, _ = tl.split(tl.permute(tl.reshape(qerr, [2, RS]), (1, 0)))
         qmul, _ = tl.split(tl.permute(tl.reshape(qmul, [2, RS]), (1, 0)))
     return c1s, c2s, qmul, qerr
@@ -134,23 +142,47 @@ def _qslot(
 
 
 @triton.jit
-def _gacc(a1, a2, c1, c2, codes, PACK: tl.constexpr):
-    """One slot's integer dots with the codes ``[N, CW]`` added to the raw accumulators on the tensor cores
-    (``PACK``: ``a1 [RP, N]`` holds both levels; else ``a1``, ``a2 [RS, N]`` one each)."""
-    a1 = tl.dot(c1, tl.trans(codes), a1, out_dtype=tl.int32)
-    if not PACK:
-        a2 = tl.dot(c2, tl.trans(codes), a2, out_dtype=tl.int32)
-    return a1, a2
+def _trans_operands(
+    c1, c2, RT: tl.constexpr, D: tl.constexpr, W: tl.constexpr, CW: tl.constexpr, NH: tl.constexpr
+):
+    """One step per row, tokens along the dot's rows (``TRANS``): for each code chunk and nibble half (``NH``
+    per chunk), the ``[CW, 4·RT]`` int8 query operand whose column ``8h·RT/4 + 2t + l`` — ``(2·RT)·h + 2·t +
+    l`` — holds level ``l`` of row ``t`` on the chunk's channels in half ``h`` of the head dim (``h = channel
+    // (D/2)``), zero elsewhere. A token's ``[4·RT]`` dot row then splits in registers: summing over ``h``
+    and combining ``l`` gives its ``RT`` scores with no padded row in the epilogue (a thread of the dot's
+    accumulator holds columns ``2t, 2t+1`` of every 8; with ``RT = 4`` that is one row's four terms)."""
+    ops = ()
+    for c in tl.static_range(W // CW):
+        for hs in tl.static_range(NH):
+            ch0 = hs * W + c * CW
+            ch = ch0 + tl.arange(0, CW)
+            x1 = tl.trans(_qslot(c1, ch0, RT, D, W, CW, CW))  # [CW, RT]
+            x2 = tl.trans(_qslot(c2, ch0, RT, D, W, CW, CW))
+            lv = tl.join(x1, x2)  # [CW, RT, 2]
+            half = (tl.arange(0, 2)[None, :] == (ch // (D // 2))[:, None])[:, :, None, None]
+            op = tl.where(half, lv[:, None, :, :], 0.0)  # [CW, 2, RT, 2]
+            ops += (tl.reshape(op, [CW, 4 * RT]).to(tl.int8),)
+    return ops
 
 
 @triton.jit
-def _gsum(a1, a2, RS: tl.constexpr, PACK: tl.constexpr):
-    """``128·(c1·k̂) + c2·k̂`` ``[RS, N]`` (int32, exact) from the raw accumulators."""
+def _trans_score(acc, step, RT: tl.constexpr):
+    """``[RT, N]`` fp32 scores ``(128·(c1·k̂) + c2·k̂)·step`` from a ``TRANS`` accumulator ``[N, 4·RT]``."""
+    n: tl.constexpr = acc.shape[0]
+    lv = tl.sum(tl.reshape(acc, [n, 2, RT, 2]), axis=1)  # the two halves of the head dim
+    x1, x2 = tl.split(lv)
+    return tl.trans((x1 * 128 + x2).to(tl.float32) * step[:, None])
+
+
+@triton.jit
+def _gdot(c1, c2, codes, RS: tl.constexpr, PACK: tl.constexpr):
+    """``128·(c1·codesᵀ) + c2·codesᵀ`` ``[RS, N]`` (int32, exact): one channel group on the tensor cores."""
+    a = tl.dot(c1, tl.trans(codes), out_dtype=tl.int32)
     if PACK:
-        x1, x2 = tl.split(tl.permute(tl.reshape(a1, [2, RS, a1.shape[1]]), (1, 2, 0)))
-        out = x1 * 128 + x2
-    else:
+        a1, a2 = tl.split(tl.permute(tl.reshape(a, [2, RS, codes.shape[0]]), (1, 2, 0)))
         out = a1 * 128 + a2
+    else:
+        out = a * 128 + tl.dot(c2, tl.trans(codes), out_dtype=tl.int32)
     return out
 
 
@@ -158,9 +190,7 @@ def _gsum(a1, a2, RS: tl.constexpr, PACK: tl.constexpr):
 def _group_score(qk, c1s, c2s, g: tl.constexpr, codes, steps, RS: tl.constexpr, PACK: tl.constexpr):
     """Adds channel group ``g``'s part of ``q·k̂`` (in units of the query's factor) to ``qk [RS, N]``: its
     integer dot with the codes ``[N, CW]`` of its chunk times its steps (``steps[g]``, ``[N]``)."""
-    a = tl.zeros([c1s[g].shape[0], codes.shape[0]], tl.int32)
-    a1, a2 = _gacc(a, a, c1s[g], c2s[g], codes, PACK)
-    return tl.fma(_gsum(a1, a2, RS, PACK).to(tl.float32), steps[g][None, :], qk)
+    return tl.fma(_gdot(c1s[g], c2s[g], codes, RS, PACK).to(tl.float32), steps[g][None, :], qk)
 
 
 @triton.jit
@@ -280,6 +310,8 @@ def score_kernel(
     REFILTER: tl.constexpr,
     ASM: tl.constexpr,
     ROT: tl.constexpr,
+    TRANS: tl.constexpr,
+    RT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -292,9 +324,10 @@ def score_kernel(
         b = bh // Hkv
         kvh = bh % Hkv
         bh64 = bh.to(tl.int64)
-        # PACK (Plan.packed: 2R ≤ RP): both int8 query levels share one dot (level 1 in rows [0, RS), level 2
-        # in rows [RS, RP), summed in registers); bounds on RS rows.
-        RS: tl.constexpr = RP // 2 if PACK else RP
+        # TRANS (a sketch with one step per row): tokens along the dot's rows, RT = max(4, p2(R)) rows of
+        # scores (_trans_operands). PACK (Plan.packed: 2R ≤ RP): both int8 query levels share one dot (level 1
+        # in rows [0, RS), level 2 in rows [RS, RP), summed in registers); bounds on RS rows.
+        RS: tl.constexpr = RT if TRANS else (RP // 2 if PACK else RP)
         r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RS)
         bias_base = bias_ptr + b.to(tl.int64) * sbb
         if SRC == 0:
@@ -306,7 +339,7 @@ def score_kernel(
             # queries once per step); R·q − q̃ costs the bound
             # rot_e·‖q̃‖₂·‖k‖₂ ≤ rot_e·‖q̃‖₂·(‖k̂‖₂ + r), r covering the keys' side (update_kernel)
             rot_e = rot_eps / (1.0 - rot_eps)
-            qf = _qrows(q_ptr, qrot_ptr, bh, b, kvh, r, rmask, sqb, sqh, sql, G, LQ, RP, D, ROT)
+            qf = _qrows(q_ptr, qrot_ptr, bh, b, kvh, r, rmask, sqb, sqh, sql, G, LQ, R, D, ROT)
             amax = tl.max(tl.abs(qf), axis=1)
             qs = qf / tl.where(amax > 0, amax, 1.0)[:, None]  # ‖q‖₂ = max|q|·‖q/max|q|‖₂: no under/overflow
             emul = zmul * amax * tl.sqrt(tl.sum(qs * qs, axis=1))  # (α−1)·scale·‖q‖₂ per row
@@ -322,8 +355,8 @@ def score_kernel(
             SW: tl.constexpr = GS if GS < CW else CW  # channels per query operand (a slot)
             CMAX: tl.constexpr = 127 if SRC == 1 else 7
             c1s, c2s, qmul, qerr = _qenc(
-                q_ptr, qrot_ptr, rot_e, bh, b, kvh, sqb, sqh, sql, zmul, G, LQ, R, RS, RP, D, W, SW, CW, CMAX,
-                16 if SRC == 2 else 1, PACK, ROT,
+                q_ptr, qrot_ptr, rot_e, bh, b, kvh, sqb, sqh, sql, zmul, G, LQ, R, RS,
+                RS if TRANS else RP, D, W, SW, CW, CMAX, 16 if SRC == 2 else 1, PACK, ROT, TRANS,
             )  # fmt: skip
             code_base = code_ptr + bh64 * sk_cap * W
             scale_base = scale_ptr + bh64 * sk_cap * NGT
@@ -367,8 +400,7 @@ def score_kernel(
                 meta_nxt = _sketch_meta(scale_base, res_base, nxt, nxt < end, NGT)
                 p64 = pos.to(tl.int64)
                 qk = tl.zeros([RS, BLOCK_N], tl.float32)
-                a1 = tl.zeros([RP if PACK else RS, BLOCK_N], tl.int32)  # one step per token: every slot
-                a2 = tl.zeros([RS, BLOCK_N], tl.int32)  # adds its dots here, converted once
+                acc = tl.zeros([BLOCK_N, 4 * RT], tl.int32)  # TRANS: every chunk adds its dots here
                 for c in tl.static_range(W // CW):
                     x = tl.load(
                         code_base + p64[:, None] * W + c * CW + tl.arange(0, CW)[None, :],
@@ -379,18 +411,15 @@ def score_kernel(
                         x_lo, x_hi = _nibbles(x, ASM)
                     for h in tl.static_range(SRC):
                         y = x if SRC == 1 else (x_lo if h == 0 else x_hi)
-                        for j in tl.static_range(CW // SW):  # slot (h·W + c·CW + j·SW) / SW
-                            if NGT == 1:
-                                a1, a2 = _gacc(
-                                    a1, a2, c1s[(h * W + c * CW + j * SW) // SW],
-                                    c2s[(h * W + c * CW + j * SW) // SW], y, PACK,
-                                )  # fmt: skip
-                            else:  # a slot is a group
+                        if TRANS:
+                            acc = tl.dot(y, c1s[c * SRC + h], acc, out_dtype=tl.int32)
+                        else:
+                            for j in tl.static_range(CW // SW):  # a slot is a group
                                 qk = _group_score(
                                     qk, c1s, c2s, (h * W + c * CW + j * SW) // SW, y, steps, RS, PACK
                                 )
-                if NGT == 1:
-                    qk = _gsum(a1, a2, RS, PACK).to(tl.float32) * steps[0][None, :]
+                if TRANS:
+                    qk = _trans_score(acc, steps[0], RT)
                 live = bias > NEG_INF  # the sketch of a masked position may be anything, even NaN
                 zc = tl.fma(qk, qmul[:, None], bias * bmul)
                 # the bound: Σ_g ‖e_g‖₁·CMAX·step_g ≤ qerr·max step, plus ‖q‖₂·r; fma onto the dot's tile, so
