@@ -22,7 +22,7 @@ INNER_COMPILERS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
 SUPPORTED_HEAD_DIMS: tuple[int, ...] = (64, 128, 256)
 # ``auto``: from this many cached positions on the certified decode is faster than the dense one (both exact);
 # measured side by side on an H200 (docs/KERNELS.md, "The automatic policy").
-AUTO_CERTIFIED_FROM = 196608
+AUTO_CERTIFIED_FROM = 131072
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class EntmaxKVConfig:
     ----------
     policy:
         How a decode step chooses what to read. ``auto`` (default): ``certified`` for caches of at least
-        ``AUTO_CERTIFIED_FROM`` (192K) positions, where it is the faster exact decode, ``dense`` below
+        ``AUTO_CERTIFIED_FROM`` (128K) positions, where it is the faster exact decode, ``dense`` below
         (and for sequences shorter than that in a longer cache). ``certified`` is exact: int sketches of the
         keys with worst-case error bounds prove which tokens cannot be in the entmax support; ``dense`` reads
         every key once and values only for the support; ``topk`` reads a static budget of pages (plus sink
