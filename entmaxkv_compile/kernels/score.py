@@ -69,7 +69,7 @@ def _qenc(
     RP: tl.constexpr,
     D: tl.constexpr,
     W: tl.constexpr,
-    SW: tl.constexpr,
+    GS: tl.constexpr,
     CW: tl.constexpr,
     CMAX: tl.constexpr,
     UNIT: tl.constexpr,
@@ -78,11 +78,10 @@ def _qenc(
     TRANS: tl.constexpr,
 ):
     """The query rows as two int8 levels on one step per row, ``q = s·(c1 + c2/128) + e`` (``s =
-    max|q|/127``, so ``|c2| ≤ 64``), cut per slot ``t`` (channels ``[t·SW, (t+1)·SW)``: a channel group, or a
-    code chunk's share of a group that spans chunks) into ``[RP, CW]`` operands over the code chunk that
-    holds the slot (zero outside it); ``128·(c1·x) + c2·x`` summed over a group's slots is then exact in int32
-    (``< 2³¹`` for ≤ 256 channels) and a group's scores are one integer per token, so each group costs one
-    conversion and one ``fma`` per score.
+    max|q|/127``, so ``|c2| ≤ 64``), cut per channel group ``g`` (channels ``[g·GS, (g+1)·GS)``) into
+    ``[RP, CW]`` operands over the code chunk that holds the group (zero outside it); ``128·(c1·x) + c2·x``
+    is then exact in int32 (``< 2³¹`` for ≤ 256 channels, summed over a row's chunks by ``TRANS``) and a
+    group's scores are one integer per token, so each group costs one conversion and one ``fma`` per score.
 
     Returns the operands (``TRANS``: ``_trans_operands``; ``PACK``: rows ``i`` and ``RS + i`` hold row ``i``'s
     ``c1`` and ``c2``, one dot yields both; else ``c1`` and ``c2`` apart), the per-row factor
@@ -105,8 +104,8 @@ def _qenc(
         el1 += tl.sum(tl.abs(e), axis=1)
         c1s = _trans_operands(c1.to(tl.float32), c2.to(tl.float32), RP, D, W, CW, D // W)
     else:
-        for t in tl.static_range(D // SW):
-            qd = _qslot(qrow, t * SW, RP, D, W, SW, CW)
+        for g in tl.static_range(D // GS):
+            qd = _qchannels(qrow, g * GS, RP, D, W, GS, CW)
             c1, e = _qcode(qd, s1)
             c2, e = _qcode(e, s2)
             el1 += tl.sum(tl.abs(e), axis=1)
@@ -128,13 +127,13 @@ def _qenc(
 
 
 @triton.jit
-def _qslot(
+def _qchannels(
     qrow, ch0, RP: tl.constexpr, D: tl.constexpr, W: tl.constexpr, SW: tl.constexpr, CW: tl.constexpr
 ):  # fmt: skip
     """The channels ``[ch0, ch0 + SW)`` of ``qrow [RP, D]`` in the ``[RP, CW]`` chunk of codes that holds
     them (zero on the chunk's other channels)."""
     col = tl.arange(0, CW)
-    c0 = ch0 // W * W + ch0 % W // CW * CW  # first channel of the slot's chunk
+    c0 = ch0 // W * W + ch0 % W // CW * CW  # first channel of their chunk
     sub = ch0 % CW
     chunks = tl.reshape(qrow, [RP, D // CW, CW])
     qd = tl.sum(tl.where((tl.arange(0, D // CW) == c0 // CW)[None, :, None], chunks, 0.0), axis=1)
@@ -146,9 +145,9 @@ def _trans_operands(
     c1, c2, RT: tl.constexpr, D: tl.constexpr, W: tl.constexpr, CW: tl.constexpr, NH: tl.constexpr
 ):
     """One step per row, tokens along the dot's rows (``TRANS``): for each code chunk and nibble half (``NH``
-    per chunk), the ``[CW, 4·RT]`` int8 query operand whose column ``8h·RT/4 + 2t + l`` — ``(2·RT)·h + 2·t +
-    l`` — holds level ``l`` of row ``t`` on the chunk's channels in half ``h`` of the head dim (``h = channel
-    // (D/2)``), zero elsewhere. A token's ``[4·RT]`` dot row then splits in registers: summing over ``h``
+    per chunk), the ``[CW, 4·RT]`` int8 query operand whose column ``(2·RT)·h + 2·t + l`` holds level ``l``
+    of row ``t`` on the chunk's channels in half ``h`` of the head dim (``h = channel // (D/2)``), zero
+    elsewhere. A token's ``[4·RT]`` dot row then splits in registers: summing over ``h``
     and combining ``l`` gives its ``RT`` scores with no padded row in the epilogue (a thread of the dot's
     accumulator holds columns ``2t, 2t+1`` of every 8; with ``RT = 4`` that is one row's four terms)."""
     ops = ()
@@ -156,8 +155,8 @@ def _trans_operands(
         for hs in tl.static_range(NH):
             ch0 = hs * W + c * CW
             ch = ch0 + tl.arange(0, CW)
-            x1 = tl.trans(_qslot(c1, ch0, RT, D, W, CW, CW))  # [CW, RT]
-            x2 = tl.trans(_qslot(c2, ch0, RT, D, W, CW, CW))
+            x1 = tl.trans(_qchannels(c1, ch0, RT, D, W, CW, CW))  # [CW, RT]
+            x2 = tl.trans(_qchannels(c2, ch0, RT, D, W, CW, CW))
             lv = tl.join(x1, x2)  # [CW, RT, 2]
             half = (tl.arange(0, 2)[None, :] == (ch // (D // 2))[:, None])[:, :, None, None]
             op = tl.where(half, lv[:, None, :, :], 0.0)  # [CW, 2, RT, 2]
@@ -351,12 +350,11 @@ def score_kernel(
             W: tl.constexpr = D if SRC == 1 else D // 2
             NGT: tl.constexpr = D // GS
             CWG: tl.constexpr = GS if GS >= 32 else 32  # int8 dots take K ≥ 32
-            CW: tl.constexpr = W if CWG > W else CWG  # int4 with one step per token: a group spans chunks
-            SW: tl.constexpr = GS if GS < CW else CW  # channels per query operand (a slot)
+            CW: tl.constexpr = W if CWG > W else CWG  # int4 with one step per token (TRANS): half a row
             CMAX: tl.constexpr = 127 if SRC == 1 else 7
             c1s, c2s, qmul, qerr = _qenc(
                 q_ptr, qrot_ptr, rot_e, bh, b, kvh, sqb, sqh, sql, zmul, G, LQ, R, RS,
-                RS if TRANS else RP, D, W, SW, CW, CMAX, 16 if SRC == 2 else 1, PACK, ROT, TRANS,
+                RS if TRANS else RP, D, W, GS, CW, CMAX, 16 if SRC == 2 else 1, PACK, ROT, TRANS,
             )  # fmt: skip
             code_base = code_ptr + bh64 * sk_cap * W
             scale_base = scale_ptr + bh64 * sk_cap * NGT
@@ -414,9 +412,9 @@ def score_kernel(
                         if TRANS:
                             acc = tl.dot(y, c1s[c * SRC + h], acc, out_dtype=tl.int32)
                         else:
-                            for j in tl.static_range(CW // SW):  # a slot is a group
+                            for j in tl.static_range(CW // GS):
                                 qk = _group_score(
-                                    qk, c1s, c2s, (h * W + c * CW + j * SW) // SW, y, steps, RS, PACK
+                                    qk, c1s, c2s, h * (W // GS) + c * (CW // GS) + j, y, steps, RS, PACK
                                 )
                 if TRANS:
                     qk = _trans_score(acc, steps[0], RT)
