@@ -68,6 +68,18 @@ def test_onnx_runtime_equals_reference(
     assert report.op_counts["TopK"] >= 4  # selection and entmax sort, in both layers
 
 
+def test_onnx_rotated_int4_sketch_equals_reference(tmp_path: Path) -> None:
+    """The int4 default (R·k quantised, one step per row) exports: the rotation is a constant MatMul."""
+    model = _decoder()
+    args = example_inputs(model)
+    config = EntmaxKVConfig(policy="certified", sketch="int4", min_candidates=16, candidate_fraction=0.01)
+    path = tmp_path / "model.onnx"
+    ep = to_onnx(model, args, path, config=config, return_selection=True)
+    report = verify_onnx(path, ep.module(), args)
+    assert report.ok, str(report)
+    assert report.selections_equal and report.max_error <= 1e-4
+
+
 def test_long_selection_uses_the_sort_free_solver(tmp_path: Path) -> None:
     """243 pages of 16 = 3888 selected tokens: too long for TensorRT's TopK, so no sort is emitted.
 

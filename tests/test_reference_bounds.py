@@ -19,6 +19,7 @@ from entmaxkv_compile.reference import (
     page_upper_bound,
     sketch_score_bounds,
 )
+from entmaxkv_compile.reference.sketch import rotation, rotation_eps
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -145,6 +146,47 @@ def test_sketch_bound_holds(
     torch.testing.assert_close(sketch.residual, (kf - sketch.k_hat).norm(dim=-1))
     # rounding to the nearest code: per-element error at most half a step (+ the ulp of ``code·step``)
     assert torch.all((kf - sketch.k_hat).abs() <= step / 2 + 2.0**-22 * kf.abs())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    bits=st.sampled_from([8, 4]),
+    group=st.sampled_from([16, 64]),
+    dtype=st.sampled_from(DTYPES),
+    key_scale=st.sampled_from([1e-3, 1.0, 50.0]),
+    outliers=st.booleans(),
+)
+def test_rotated_sketch_bound_holds(
+    seed: int, bits: int, group: int, dtype: torch.dtype, key_scale: float, outliers: bool
+) -> None:
+    """A sketch of R·k scored with R·q bounds the exact scores of q·k (R orthogonal, its fp32 error in ε)."""
+    q, k, _ = qkv(seed, 2, 4, 2, 2, 40, 64, dtype)
+    k = k * key_scale
+    if outliers:
+        k[..., 5] *= 30
+    sketch = build_sketch(k, bits, group, rotate=True)
+    s_hat, eps = sketch_score_bounds(q, sketch, 0.125)
+    assert torch.all((attention_scores(q, k, scale=0.125) - s_hat).abs() <= eps)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_rotation_is_orthogonal_and_its_fp32_error_is_bounded(d: int) -> None:
+    r = rotation(d).double()
+    torch.testing.assert_close(r @ r.T, torch.eye(d, dtype=torch.float64), atol=1e-6, rtol=0)
+    x = torch.randn(512, d, generator=torch.Generator().manual_seed(d)) * torch.logspace(-3, 3, d)
+    exact = x.double() @ (torch.tensor(d, dtype=torch.float64) ** -0.5 * (r * d**0.5).round()).T
+    err = (x @ rotation(d).T).double() - exact
+    assert torch.all(err.norm(dim=-1) <= rotation_eps(d) * x.double().norm(dim=-1))
+
+
+def test_rotation_spreads_outlier_channels() -> None:
+    """Keys with a few large channels: one int4 step per row of R·k is tighter than per 32 channels of k."""
+    q, k, _ = qkv(9, 1, 2, 1, 1, 200, 64)
+    k[..., :3] *= 8
+    plain = sketch_score_bounds(q, build_sketch(k, 4, 32), 0.125)[1]
+    rotated = sketch_score_bounds(q, build_sketch(k, 4, 64, rotate=True), 0.125)[1]
+    assert rotated.mean() < 0.8 * plain.mean()
 
 
 def test_sketch_bound_with_exact_keys() -> None:

@@ -322,6 +322,26 @@ def test_min_context_falls_back() -> None:
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
+def test_sketch_rotation_and_group_defaults() -> None:
+    """int4 sketches are rotated with one step per row by default; unrotated int4 keeps groups of 32."""
+    int4, int8 = EntmaxKVConfig(sketch="int4"), EntmaxKVConfig()
+    assert int4.rotate_sketch and int4.group_size(128) == 128
+    assert not int8.rotate_sketch and int8.group_size(128) == 128
+    plain = EntmaxKVConfig(sketch="int4", sketch_rotation=False)
+    assert not plain.rotate_sketch and plain.group_size(128) == 32
+    assert EntmaxKVConfig(sketch_rotation=True).rotate_sketch
+    with pytest.raises(ValueError, match="sketch_rotation"):
+        EntmaxKVConfig(sketch_rotation="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_certified_rotated_int4_is_exact(alpha: float) -> None:
+    q, k, v, bias = make_inputs(5)
+    out, stats, ref = run("certified", q, k, v, bias, alpha, sketch="int4")
+    assert stats.certified.all() and not stats.fallback.any()
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
 def test_auto_resolves_by_cache_length(monkeypatch: pytest.MonkeyPatch) -> None:
     """The default policy runs ``dense`` below the crossover and ``certified`` from it, where sequences
     shorter than the crossover (``min_context``) decode densely; both are exact."""
