@@ -250,6 +250,24 @@ def test_sketch_bounds_hold_for_huge_queries(sketch, group):
     assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=1.5)) < 1e-5
 
 
+@pytest.mark.parametrize("side", ["query", "key"])
+def test_rotated_sketch_with_rows_near_the_fp32_range(side):
+    """Every channel 1e37 with one sign (‖x‖₂ = 8e37 at D = 64): a butterfly that summed before scaling
+    reached 6.4e38 = ∞ and made every bound NaN (found in review); a key row of 1e38 (‖k‖₂ past the fp32
+    range, R·k meets ∞ − ∞) must stay a candidate with an infinite residual, not drop out as NaN."""
+    q, k, v = _inputs(1, 2, 2, 1, 64, 64, torch.float32, seed=3)
+    if side == "query":
+        q, k = torch.full_like(q, 1e37), k / 1e37
+    else:
+        q, k = q * 1e-37, k.clone()
+        k[0, :, 5] = 1e38  # ‖k‖₂ = 8e38: past the fp32 range
+    out, site, _ = _run(
+        "certified", q, k, v, None, 1.5, sketch="int4", sketch_rotation=True, min_candidates=16
+    )
+    assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=1.5)) < 1e-5
+    assert not site.res.isnan().any()
+
+
 @pytest.mark.parametrize("sketch,group", [("int8", 32), ("int4", 32), ("int4", 16)])
 def test_sketch_bounds_with_unequal_group_steps(sketch, group):
     """Channel groups of very different magnitude (so every token's group steps differ by up to 10⁴):

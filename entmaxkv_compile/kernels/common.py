@@ -62,16 +62,18 @@ def dpow_beta(x, beta, MODE: tl.constexpr):
 @triton.jit
 def rotate(x, D: tl.constexpr):
     """``fl(R·x)`` of the rows of ``x [M, D]`` fp32, ``R`` the normalised Sylvester–Hadamard matrix
-    (``reference.sketch.rotation``): a butterfly ``(a, b) → (a + b, a − b)`` per bit of the channel index,
-    then ``× fl(D^-½)``. Each output is a sum of ``±x_i`` in a fixed order times the factor, so it is within
-    ``reference.sketch.rotation_eps(D)·‖x‖₂`` of exact, as any fp32 dot product would be."""
+    (``reference.sketch.rotation``): ``× fl(D^-½)`` first — so no partial sum is larger than ``√D·max|x|``
+    and the result overflows only where ``‖x‖₂`` nears the fp32 range — then a butterfly ``(a, b) → (a + b,
+    a − b)`` per bit of the channel index. Each output is a sum of ``±fl(x_i·D^-½)`` in a fixed order, so it
+    is within ``reference.sketch.rotation_eps(D)·‖x‖₂`` of exact, as any fp32 dot product would be."""
     m: tl.constexpr = x.shape[0]
+    x = x * tl.div_rn(1.0, tl.sqrt_rn(D * 1.0))
     for i in tl.static_range(12):
         if (1 << i) < D:  # pairs (j, j + 2^i) of channels j whose bit i is 0
             y = tl.permute(tl.reshape(x, [m, D >> (i + 1), 2, 1 << i]), (0, 1, 3, 2))
             a, b = tl.split(y)
             x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), [m, D])
-    return x * tl.div_rn(1.0, tl.sqrt_rn(D * 1.0))
+    return x
 
 
 @triton.jit

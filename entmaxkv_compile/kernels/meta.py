@@ -195,8 +195,8 @@ def update_kernel(
             sptr = scale_ptr + (bh64 * cap + p64)[:, None] * NG + tl.arange(0, NG)[None, :]
             tl.store(sptr, step, mask=pm[:, None])
             res = tl.sqrt(err)
-            if ROT:
-                res += slack
+            if ROT:  # a key row past the fp32 range makes R·k inf − inf = NaN: keep it a candidate (+inf)
+                res = tl.where(res + slack == res + slack, res + slack, float("inf"))
             gamma: tl.constexpr = 2.0 * (D + 2) * 5.9604644775390625e-08
             tl.store(res_ptr + bh64 * cap + p64, res + gamma * (2.0 * tl.sqrt(nrm) + res), mask=pm)
     if BOX:
