@@ -250,6 +250,16 @@ def test_sketch_bounds_hold_for_huge_queries(sketch, group):
     assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=1.5)) < 1e-5
 
 
+@pytest.mark.parametrize("sketch,group,rot", [("int8", 64, False), ("int4", 32, False), ("int4", 64, True)])
+def test_sketch_bounds_for_tiny_keys(sketch, group, rot):
+    """Keys of 1e-37 against queries of 1e37: every fp16 step is 0, so the whole key is the residual, whose
+    squares underflow — summed unscaled, the residual was 0 and the bounds [0, 0] missed scores of ±0.01
+    (found in review). Every token is kept with its bounds; each must contain the exact score."""
+    q, k, _ = _inputs(1, 2, 2, 1, 64, 64, torch.float32, seed=3)
+    site = _assert_sketch_bounds(q * 1e37, k / 1e37, sketch, group, 1e-3, rot=rot)
+    assert not site.scales.any() and (site.res > 0).all()
+
+
 @pytest.mark.parametrize("side", ["query", "key"])
 def test_rotated_sketch_with_rows_near_the_fp32_range(side):
     """Every channel 1e37 with one sign (‖x‖₂ = 8e37 at D = 64): a butterfly that summed before scaling

@@ -123,7 +123,7 @@ def test_page_metadata_ignores_masked_slots_and_padding() -> None:
     bits=st.sampled_from([8, 4]),
     group=st.sampled_from([8, 16, 32, 64]),
     dtype=st.sampled_from(DTYPES),
-    key_scale=st.sampled_from([1e-3, 1.0, 50.0]),
+    key_scale=st.sampled_from([1e-30, 1e-3, 1.0, 50.0]),
     outliers=st.booleans(),
     rotate=st.booleans(),
 )

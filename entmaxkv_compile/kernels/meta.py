@@ -39,17 +39,29 @@ from .common import NEG_INF, group_rows, load_bias, load_q, pdl_enter, rotate
 
 @triton.jit
 def _quantize(x, BT: tl.constexpr, W: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr):
-    """Codes ``[BT, W]`` (fp32 integers), fp16 steps ``[BT, W/GS]``, ``Σ(x−x̂)²`` and ``Σx̂²`` per row, for
-    the reconstruction ``x̂ = code·step`` exactly as the scoring kernel forms it."""
+    """Codes ``[BT, W]`` (fp32 integers), fp16 steps ``[BT, W/GS]``, ``‖x−x̂‖₂`` and ``‖x̂‖₂`` per row, for
+    the reconstruction ``x̂ = code·step`` exactly as the scoring kernel forms it (norms scaled by the row's
+    largest element, so keys of 1e-20 do not underflow to a zero residual)."""
     xg = tl.reshape(x, [BT, W // GS, GS])
     step = tl.minimum(tl.max(tl.abs(xg), axis=2) / QMAX, 65504.0).to(tl.float16)
     sf = step.to(tl.float32)[:, :, None]
     code = tl.floor(xg / tl.where(sf > 0, sf, 1.0) + 0.5)
     code = tl.where(sf > 0, tl.minimum(tl.maximum(code, -QMAX), QMAX), 0.0)
     xh = code * sf
-    err = tl.sum(tl.sum((xg - xh) * (xg - xh), axis=2), axis=1)
-    nrm = tl.sum(tl.sum(xh * xh, axis=2), axis=1)
-    return tl.reshape(code, [BT, W]), step, err, nrm
+    return (
+        tl.reshape(code, [BT, W]),
+        step,
+        _norm(tl.reshape(xg - xh, [BT, W])),
+        _norm(tl.reshape(xh, [BT, W])),
+    )
+
+
+@triton.jit
+def _norm(x):
+    """``‖x‖₂`` per row of ``x [BT, W]``, as ``max|x|·‖x/max|x|‖₂`` (no under- or overflow of the squares)."""
+    m = tl.max(tl.abs(x), axis=1)
+    xs = x / tl.where(m > 0, m, 1.0)[:, None]
+    return m * tl.sqrt(tl.sum(xs * xs, axis=1))
 
 
 @triton.jit
@@ -181,11 +193,9 @@ def update_kernel(
             pm = pos < hi
             kt = tl.load(k_base + p64[:, None] * sks + d[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
             if ROT:  # the sketch of R·k: fl(R·k) is within rot_eps·‖k‖₂ of it, which joins the residual
-                kmax = tl.max(tl.abs(kt), axis=1)
-                ks = kt / tl.where(kmax > 0, kmax, 1.0)[:, None]  # ‖k‖₂ without under/overflow
-                slack = rot_eps * kmax * tl.sqrt(tl.sum(ks * ks, axis=1))
+                slack = rot_eps * _norm(kt)
                 kt = rotate(kt, D)
-            code, step, err, nrm = _quantize(kt, BT, D, GS, QMAX)
+            code, step, res, nrm = _quantize(kt, BT, D, GS, QMAX)
             if SK == 2:  # channel j in the low nibble of byte j, channel j + D/2 in the high one
                 clo, chi = tl.split(tl.permute(tl.reshape(code, [BT, 2, W]), (0, 2, 1)))
                 code = (clo.to(tl.int32) & 15) | (chi.to(tl.int32) << 4)  # two's complement nibbles
@@ -194,11 +204,12 @@ def update_kernel(
             )
             sptr = scale_ptr + (bh64 * cap + p64)[:, None] * NG + tl.arange(0, NG)[None, :]
             tl.store(sptr, step, mask=pm[:, None])
-            res = tl.sqrt(err)
-            if ROT:  # a key row past the fp32 range makes R·k inf − inf = NaN: keep it a candidate (+inf)
-                res = tl.where(res + slack == res + slack, res + slack, float("inf"))
+            if ROT:
+                res += slack
             gamma: tl.constexpr = 2.0 * (D + 2) * 5.9604644775390625e-08
-            tl.store(res_ptr + bh64 * cap + p64, res + gamma * (2.0 * tl.sqrt(nrm) + res), mask=pm)
+            res = res + gamma * (2.0 * nrm + res)
+            # a row with ±inf (or, rotated, past the fp32 range: inf − inf) has a NaN norm: a candidate always
+            tl.store(res_ptr + bh64 * cap + p64, tl.where(res == res, res, float("inf")), mask=pm)
     if BOX:
         d = tl.arange(0, D)
         j = tl.arange(0, BPG * PS)

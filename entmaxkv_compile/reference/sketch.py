@@ -24,6 +24,13 @@ from .pages import FP32_UNIT_ROUNDOFF
 QMAX = {8: 127, 4: 7}
 
 
+def row_norm(x: Tensor) -> Tensor:
+    """``‖x‖₂`` over the last dim as ``max|x|·‖x/max|x|‖₂``: the squares of keys of 1e-20 underflow to 0
+    in fp32, which made a sketch's residual 0 and its bound miss the score."""
+    m = x.abs().amax(-1, keepdim=True)
+    return (m * torch.linalg.vector_norm(x / torch.where(m > 0, m, 1.0), dim=-1, keepdim=True)).squeeze(-1)
+
+
 def rotation(d: int) -> Tensor:
     """The normalised Sylvester–Hadamard matrix ``[d, d]`` (fp32; ``d`` a power of two): orthogonal."""
     if d < 1 or d & (d - 1):
@@ -72,7 +79,7 @@ def build_sketch(k: Tensor, bits: int, group: int, rotate: bool = False) -> KeyS
     kf = k.float()
     slack = 0.0
     if rotate:
-        slack = rotation_eps(d) * torch.linalg.vector_norm(kf, dim=-1)
+        slack = rotation_eps(d) * row_norm(kf)
         kf = kf @ rotation(d).to(kf.device).T
     kg = kf.unflatten(-1, (d // group, group))
     step = kg.abs().amax(-1) / qmax
@@ -82,7 +89,7 @@ def build_sketch(k: Tensor, bits: int, group: int, rotate: bool = False) -> KeyS
     return KeySketch(
         codes=codes.flatten(-2).to(torch.int8),
         scales=step,
-        residual=torch.linalg.vector_norm(kf - k_hat, dim=-1) + slack,
+        residual=row_norm(kf - k_hat) + slack,
         k_hat=k_hat,
         bits=bits,
         group=group,
@@ -111,7 +118,7 @@ def sketch_score_bounds(q: Tensor, sketch: KeySketch, scale: float) -> tuple[Ten
     s_hat = (scale * (qf @ sketch.k_hat.transpose(-1, -2))).reshape(b, hq, lq, s)
     gamma = 2.0 * (d + 2) * FP32_UNIT_ROUNDOFF
     r = sketch.residual
-    k_norm = torch.linalg.vector_norm(sketch.k_hat, dim=-1)
+    k_norm = row_norm(sketch.k_hat)
     err = r + gamma * (2.0 * k_norm + r)  # [B, Hkv, S]
     if sketch.rotated:
         e = rotation_eps(d) / (1 - rotation_eps(d))
