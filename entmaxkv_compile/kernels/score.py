@@ -397,8 +397,10 @@ def score_kernel(
                 steps, mstep, res = _tile_steps(meta_nxt, NGT)
                 meta_nxt = _sketch_meta(scale_base, res_base, nxt, nxt < end, NGT)
                 p64 = pos.to(tl.int64)
-                qk = tl.zeros([RS, BLOCK_N], tl.float32)
-                acc = tl.zeros([BLOCK_N, 4 * RT], tl.int32)  # TRANS: every chunk adds its dots here
+                if TRANS:
+                    acc = tl.zeros([BLOCK_N, 4 * RT], tl.int32)  # every chunk adds its dots here
+                else:
+                    qk = tl.zeros([RS, BLOCK_N], tl.float32)
                 for c in tl.static_range(W // CW):
                     x = tl.load(
                         code_base + p64[:, None] * W + c * CW + tl.arange(0, CW)[None, :],

@@ -123,7 +123,6 @@ def sketch_score_bounds(q: Tensor, sketch: KeySketch, scale: float) -> tuple[Ten
     if sketch.rotated:
         e = rotation_eps(d) / (1 - rotation_eps(d))
         err = (1 + e) * err + e * (k_norm + r)
-    qmax = qf.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    qn = qmax * torch.linalg.vector_norm(qf / qmax, dim=-1, keepdim=True)  # [B, Hkv, G·Lq, 1], no underflow
+    qn = row_norm(qf)[..., None]  # [B, Hkv, G·Lq, 1]
     eps = (abs(scale) * qn * err[:, :, None, :]).reshape(b, hq, lq, s)
     return s_hat, eps
