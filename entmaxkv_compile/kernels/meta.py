@@ -105,6 +105,40 @@ def _probed_rows_changed(k_base, sks, pos_ptr, rows_ptr, bh64, D: tl.constexpr, 
 
 
 @triton.jit
+def _sketch_range(
+    k_base, sks, code_ptr, scale_ptr, res_ptr, bh64, cap, lo, hi, pid, nu, rot_eps, BT: tl.constexpr,
+    D: tl.constexpr, GS: tl.constexpr, SK: tl.constexpr, ROT: tl.constexpr,
+):  # fmt: skip
+    """Writes the sketch of positions ``[lo, hi)`` in tiles of ``BT``, tile ``i`` by program ``i mod nu``."""
+    NG: tl.constexpr = D // GS
+    W: tl.constexpr = D if SK == 1 else D // 2
+    QMAX: tl.constexpr = 127.0 if SK == 1 else 7.0
+    d = tl.arange(0, D)
+    w = tl.arange(0, W)
+    for t0 in range(lo + pid * BT, hi, nu * BT):
+        pos = t0 + tl.arange(0, BT)
+        p64 = pos.to(tl.int64)
+        pm = pos < hi
+        kt = tl.load(k_base + p64[:, None] * sks + d[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
+        if ROT:  # the sketch of R·k: fl(R·k) is within rot_eps·‖k‖₂ of it, which joins the residual
+            slack = rot_eps * _norm(kt)
+            kt = rotate(kt, D)
+        code, step, res, nrm = _quantize(kt, BT, D, GS, QMAX)
+        if SK == 2:  # channel j in the low nibble of byte j, channel j + D/2 in the high one
+            clo, chi = tl.split(tl.permute(tl.reshape(code, [BT, 2, W]), (0, 2, 1)))
+            code = (clo.to(tl.int32) & 15) | (chi.to(tl.int32) << 4)  # two's complement nibbles
+        tl.store(code_ptr + (bh64 * cap + p64)[:, None] * W + w[None, :], code.to(tl.int8), mask=pm[:, None])
+        sptr = scale_ptr + (bh64 * cap + p64)[:, None] * NG + tl.arange(0, NG)[None, :]
+        tl.store(sptr, step, mask=pm[:, None])
+        if ROT:
+            res += slack
+        gamma: tl.constexpr = 2.0 * (D + 2) * 5.9604644775390625e-08
+        res = res + gamma * (2.0 * nrm + res)
+        # a row with ±inf (or, rotated, past the fp32 range: inf − inf) has a NaN norm: a candidate always
+        tl.store(res_ptr + bh64 * cap + p64, tl.where(res == res, res, float("inf")), mask=pm)
+
+
+@triton.jit
 def update_kernel(
     k_ptr,
     bias_ptr,
@@ -146,6 +180,8 @@ def update_kernel(
     BOX: tl.constexpr,
     PS: tl.constexpr,
     BT: tl.constexpr,
+    BTW: tl.constexpr,
+    RQ: tl.constexpr,
     BPG: tl.constexpr,
     P: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -178,38 +214,20 @@ def update_kernel(
         if BOX:  # the top-k selection's radix histograms (the page scoring adds the first round)
             tl.store(hist_ptr + bh64 * 1024 + tl.arange(0, 1024), tl.zeros([1024], tl.int32))
     if ROT and pid == 0:  # the group's query rows, rotated once for every scoring program (qrot[bh, r])
+        rq, rqm, hqq, qpq = group_rows(kvh, G, LQ, R, RQ)  # RQ = p2(R) ≥ 4 rows, not RP: a shorter butterfly
         d = tl.arange(0, D)
-        qf = load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D).to(tl.float32)
-        tl.store(qrot_ptr + (bh64 * R + r)[:, None] * D + d[None, :], rotate(qf, D), mask=rmask[:, None])
+        qf = load_q(q_ptr, b, hqq, qpq, rqm, sqb, sqh, sql, D).to(tl.float32)
+        tl.store(qrot_ptr + (bh64 * R + rq)[:, None] * D + d[None, :], rotate(qf, D), mask=rqm[:, None])
     if SK != 0:
-        NG: tl.constexpr = D // GS
-        W: tl.constexpr = D if SK == 1 else D // 2
-        QMAX: tl.constexpr = 127.0 if SK == 1 else 7.0
-        d = tl.arange(0, D)
-        w = tl.arange(0, W)
-        for t0 in range(lo + pid * BT, hi, nu * BT):
-            pos = t0 + tl.arange(0, BT)
-            p64 = pos.to(tl.int64)
-            pm = pos < hi
-            kt = tl.load(k_base + p64[:, None] * sks + d[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
-            if ROT:  # the sketch of R·k: fl(R·k) is within rot_eps·‖k‖₂ of it, which joins the residual
-                slack = rot_eps * _norm(kt)
-                kt = rotate(kt, D)
-            code, step, res, nrm = _quantize(kt, BT, D, GS, QMAX)
-            if SK == 2:  # channel j in the low nibble of byte j, channel j + D/2 in the high one
-                clo, chi = tl.split(tl.permute(tl.reshape(code, [BT, 2, W]), (0, 2, 1)))
-                code = (clo.to(tl.int32) & 15) | (chi.to(tl.int32) << 4)  # two's complement nibbles
-            tl.store(
-                code_ptr + (bh64 * cap + p64)[:, None] * W + w[None, :], code.to(tl.int8), mask=pm[:, None]
-            )
-            sptr = scale_ptr + (bh64 * cap + p64)[:, None] * NG + tl.arange(0, NG)[None, :]
-            tl.store(sptr, step, mask=pm[:, None])
-            if ROT:
-                res += slack
-            gamma: tl.constexpr = 2.0 * (D + 2) * 5.9604644775390625e-08
-            res = res + gamma * (2.0 * nrm + res)
-            # a row with ±inf (or, rotated, past the fp32 range: inf − inf) has a NaN norm: a candidate always
-            tl.store(res_ptr + bh64 * cap + p64, tl.where(res == res, res, float("inf")), mask=pm)
+        # a rebuild in tiles of BT; a decode step's window (≤ 2·Lq positions) in one tile of BTW: the
+        # butterfly's shuffles scale with the tile (rotated int4, one tile of 32 rows: ~15 µs per step); tiles
+        # are dealt from program 1 on, as program 0 rotates the query rows
+        slot = (pid + nu - 1) % nu
+        args = (k_base, sks, code_ptr, scale_ptr, res_ptr, bh64, cap, lo, hi, slot, nu, rot_eps)
+        if rebuild:
+            _sketch_range(*args, BT, D, GS, SK, ROT)
+        else:
+            _sketch_range(*args, BTW, D, GS, SK, ROT)
     if BOX:
         d = tl.arange(0, D)
         j = tl.arange(0, BPG * PS)

@@ -187,7 +187,9 @@ def _slice_hist(pscore_ptr, bh64, pcap, p_start, p_end, prefix, RND: tl.constexp
 def _add_hist(hist_ptr, bh64, RND: tl.constexpr, local):
     """Adds a program's histogram of round ``RND`` to the group's (one masked atomic add per bin)."""
     bins = tl.arange(0, 512)
-    tl.atomic_add(hist_ptr + (bh64 * 4 + RND) * 256 + bins, local, mask=(bins < 256) & (local > 0))
+    tl.atomic_add(
+        hist_ptr + (bh64 * 4 + RND) * 256 + bins, local, mask=(bins < 256) & (local > 0), sem="relaxed"
+    )
 
 
 @triton.jit
@@ -407,7 +409,7 @@ def page_gather_kernel(
         seg_store(idx_base, z_base, slot, keep, pos, z, z, segcap, r, rmask, R, False)
         cnt += tl.sum(ki)
     # the group's maximum over all slices, then what it rules out is dropped (as in the scoring pass)
-    old = tl.atomic_max(gmax_ptr + bh64 * RP + r, zmax, mask=rmask)
+    old = tl.atomic_max(gmax_ptr + bh64 * RP + r, zmax, mask=rmask, sem="relaxed")
     thr = tl.maximum(tl.where(rmask, old, NEG_INF), zmax) - 1.0
     cnt = refilter(idx_base, z_base, cnt, segcap, thr, r, rmask, R, False, BPG * PS)
     tl.store(seg_cnt_ptr + seg, cnt)

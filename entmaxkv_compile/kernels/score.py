@@ -438,7 +438,7 @@ def score_kernel(
             if KEEP:
                 known = tl.maximum(known, pending)  # the previous exchange's answer, one tile late
                 if it % SYNC == 0:
-                    old = tl.atomic_max(gmax_ptr + bh64 * RP + r, runmax, mask=rmask)
+                    old = tl.atomic_max(gmax_ptr + bh64 * RP + r, runmax, mask=rmask, sem="relaxed")
                     pending = tl.where(rmask, old, NEG_INF)
                 thr = tl.maximum(known, runmax) - 1.0
                 if tl.max((thi > thr).to(tl.int32), axis=0) > 0:  # the tile keeps something (rare)
@@ -454,7 +454,7 @@ def score_kernel(
                 tl.store(wptr, zlo, mask=rmask[:, None] & inr[None, :])
         if KEEP and REFILTER:  # one last exchange (its answer covers every earlier one), then drop what the
             # final maximum rules out (an overflowed segment stays one)
-            old = tl.atomic_max(gmax_ptr + bh64 * RP + r, runmax, mask=rmask)
+            old = tl.atomic_max(gmax_ptr + bh64 * RP + r, runmax, mask=rmask, sem="relaxed")
             thr = tl.maximum(tl.where(rmask, old, NEG_INF), runmax)
             if cnt <= segcap:
                 cnt = refilter(idx_base, zlo_base, cnt, segcap, thr - 1.0, r, rmask, R, SRC != 0, BLOCK_N)
