@@ -600,6 +600,37 @@ def test_incremental_metadata_across_steps(policy):
         assert torch.equal(getattr(buf, name), getattr(step(22, site=9), name)), name
 
 
+@pytest.mark.parametrize("lq", [1, 3])
+def test_rotated_sketch_appends_equal_a_rebuild(lq):
+    """Decode steps of ``Lq`` tokens re-sketch their window in one tile of ``p2(2·Lq)`` rows (a rebuild runs
+    in tiles of 32) and rotate the query rows on ``p2(R)`` rows: outputs match the reference on every step,
+    the window path is the one taken (``vend`` stops at the length) and the sketch equals a fresh rebuild."""
+    q, k, v = _inputs(1, 2, 2, lq, 96, 64, torch.float32, seed=5)
+    cfg = EntmaxKVConfig(policy="certified", sketch="int4", sketch_rotation=True, min_candidates=16)
+    k_cache, v_cache = torch.zeros_like(k), torch.zeros_like(v)
+    scale = 2 / 8
+
+    def step(length, site):
+        bias = _mask(1, 96, [length], lq)
+        out = ops_cuda.decode_site(q, k_cache, v_cache, bias, scale, 1.5, site, cfg, n_programs=4, block_n=16)
+        ref, _ = decode_attention(q, k_cache, v_cache, scale=scale, alpha=1.5, bias=bias, config=cfg)
+        assert _err(out, ref) < 1e-5, length
+        return ops_cuda._sites[(site, k_cache.device)].buffers
+
+    k_cache[:, :, :40], v_cache[:, :, :40] = k[:, :, :40], v[:, :, :40]  # prefill: a rebuild
+    assert step(40, site=21).vend.tolist() == [96, 96]
+    for length in range(40 + lq, 53, lq):
+        k_cache[:, :, length - lq : length], v_cache[:, :, length - lq : length] = (
+            k[:, :, length - lq : length],
+            v[:, :, length - lq : length],
+        )
+        buf = step(length, site=21)
+        assert buf.vend.tolist() == [length, length]
+    fresh = step(length, site=22)
+    for name in ("codes", "scales", "res"):
+        assert torch.equal(getattr(buf, name), getattr(fresh, name)), name
+
+
 @pytest.mark.parametrize("policy", ["certified", "topk"])
 def test_new_sequence_after_a_rebuild_with_the_same_first_row(policy):
     """The probes are recorded after the watermark advances: right after a rebuild (first call) they spread
