@@ -604,7 +604,8 @@ def test_incremental_metadata_across_steps(policy):
 def test_rotated_sketch_appends_equal_a_rebuild(lq):
     """Decode steps of ``Lq`` tokens re-sketch their window in one tile of ``p2(2·Lq)`` rows (a rebuild runs
     in tiles of 32) and rotate the query rows on ``p2(R)`` rows: outputs match the reference on every step,
-    the window path is the one taken (``vend`` stops at the length) and the sketch equals a fresh rebuild."""
+    the window path is the one taken (``vend`` stops at the length) and the sketch equals a fresh rebuild
+    (which fails if the window path skips its last position)."""
     q, k, v = _inputs(1, 2, 2, lq, 96, 64, torch.float32, seed=5)
     cfg = EntmaxKVConfig(policy="certified", sketch="int4", sketch_rotation=True, min_candidates=16)
     k_cache, v_cache = torch.zeros_like(k), torch.zeros_like(v)

@@ -148,7 +148,8 @@ class Plan:
 
     @property
     def rt(self) -> int:
-        """Score rows of a ``trans`` sketch pass (its dot has ``4·rt ≥ 16`` columns)."""
+        """Score rows of a ``trans`` sketch pass (its dot has ``4·rt ≥ 16`` columns); also the rows on which
+        ``update_kernel`` rotates the queries (``RQ``)."""
         return max(4, _p2(self.r))
 
     @property
@@ -424,8 +425,8 @@ def _update(st: Step, site: SiteBuffers, sc: Scratch) -> None:
         site.kmax if box else k, sc.sel_hist if box else sc.mode, site.probe_pos, site.probe_rows,
         *st.qkb()[:3], k.stride(0), k.stride(1), k.stride(2), *st.bst, p.hkv, p.s, p.s, p.n_pages,
         st.rot_eps,
-        D=p.d, GS=p.gs, SK=p.sk, BOX=box, PS=p.ps, BT=32, BTW=_p2(2 * p.lq), RQ=p.rt, BPG=max(1, 64 // p.ps),
-        P=PROBES, ROT=p.rot,
+        D=p.d, GS=p.gs, SK=p.sk, BOX=box, PS=p.ps, BT=32, BTW=min(32, _p2(2 * p.lq)), RQ=p.rt,
+        BPG=max(1, 64 // p.ps), P=PROBES, ROT=p.rot,
         **st.common(), **st.bias_flags(), **st.pdl,
     )  # fmt: skip
 

@@ -106,16 +106,17 @@ def _probed_rows_changed(k_base, sks, pos_ptr, rows_ptr, bh64, D: tl.constexpr, 
 
 @triton.jit
 def _sketch_range(
-    k_base, sks, code_ptr, scale_ptr, res_ptr, bh64, cap, lo, hi, pid, nu, rot_eps, BT: tl.constexpr,
+    k_base, sks, code_ptr, scale_ptr, res_ptr, bh64, cap, lo, hi, slot, nu, rot_eps, BT: tl.constexpr,
     D: tl.constexpr, GS: tl.constexpr, SK: tl.constexpr, ROT: tl.constexpr,
 ):  # fmt: skip
-    """Writes the sketch of positions ``[lo, hi)`` in tiles of ``BT``, tile ``i`` by program ``i mod nu``."""
+    """Writes the sketch of positions ``[lo, hi)`` in tiles of ``BT``: tile ``i`` by the program whose
+    ``slot`` is ``i mod nu``."""
     NG: tl.constexpr = D // GS
     W: tl.constexpr = D if SK == 1 else D // 2
     QMAX: tl.constexpr = 127.0 if SK == 1 else 7.0
     d = tl.arange(0, D)
     w = tl.arange(0, W)
-    for t0 in range(lo + pid * BT, hi, nu * BT):
+    for t0 in range(lo + slot * BT, hi, nu * BT):
         pos = t0 + tl.arange(0, BT)
         p64 = pos.to(tl.int64)
         pm = pos < hi
@@ -214,14 +215,17 @@ def update_kernel(
         if BOX:  # the top-k selection's radix histograms (the page scoring adds the first round)
             tl.store(hist_ptr + bh64 * 1024 + tl.arange(0, 1024), tl.zeros([1024], tl.int32))
     if ROT and pid == 0:  # the group's query rows, rotated once for every scoring program (qrot[bh, r])
-        rq, rqm, hqq, qpq = group_rows(kvh, G, LQ, R, RQ)  # RQ = p2(R) ≥ 4 rows, not RP: a shorter butterfly
+        rq, rqm, hqq, qpq = group_rows(
+            kvh, G, LQ, R, RQ
+        )  # RQ = max(4, p2(R)) rows, not RP: a shorter butterfly
         d = tl.arange(0, D)
         qf = load_q(q_ptr, b, hqq, qpq, rqm, sqb, sqh, sql, D).to(tl.float32)
         tl.store(qrot_ptr + (bh64 * R + rq)[:, None] * D + d[None, :], rotate(qf, D), mask=rqm[:, None])
     if SK != 0:
-        # a rebuild in tiles of BT; a decode step's window (≤ 2·Lq positions) in one tile of BTW: the
-        # butterfly's shuffles scale with the tile (rotated int4, one tile of 32 rows: ~15 µs per step); tiles
-        # are dealt from program 1 on, as program 0 rotates the query rows
+        # a rebuild in tiles of BT; a decode step's window (≤ 2·Lq positions) in tiles of BTW = min(BT,
+        # p2(2·Lq)), one tile up to Lq = 16: the butterfly's shuffles grow with the tile (rotated int4, one
+        # tile of 32 rows: ~15 µs per step); tiles are dealt from program 1 on, so that with ROT program 0's
+        # query rotation runs beside the first tile (with one program, program 0 does both)
         slot = (pid + nu - 1) % nu
         args = (k_base, sks, code_ptr, scale_ptr, res_ptr, bh64, cap, lo, hi, slot, nu, rot_eps)
         if rebuild:
