@@ -45,6 +45,7 @@ OUT_SOLO = 64  # lists up to this long (a support, usually) are read by one prog
 SELECT_BLOCK = 1024
 NO_CAP = 2**31 - 1
 SKETCH_BITS = {"int8": 8, "int4": 4}
+SKETCH_TILE = 32  # update_kernel's key rows per tile; a decode step's window takes min(this, p2(2·Lq))
 PROBES = 8  # key rows per KV group re-read every step, so a rewritten cache (new sequence) is seen
 # Scoring passes run 4 warps capped at 128 registers (no spills on sm_90 under triton 3.6 for 16-bit keys,
 # groups of ≤ 16 rows, head dim 64–256, every sketch): 4 programs per SM, so a grid of 4·SMs programs is one
@@ -425,8 +426,8 @@ def _update(st: Step, site: SiteBuffers, sc: Scratch) -> None:
         site.kmax if box else k, sc.sel_hist if box else sc.mode, site.probe_pos, site.probe_rows,
         *st.qkb()[:3], k.stride(0), k.stride(1), k.stride(2), *st.bst, p.hkv, p.s, p.s, p.n_pages,
         st.rot_eps,
-        D=p.d, GS=p.gs, SK=p.sk, BOX=box, PS=p.ps, BT=32, BTW=min(32, _p2(2 * p.lq)), RQ=p.rt,
-        BPG=max(1, 64 // p.ps), P=PROBES, ROT=p.rot,
+        D=p.d, GS=p.gs, SK=p.sk, BOX=box, PS=p.ps, BT=SKETCH_TILE, BTW=min(SKETCH_TILE, _p2(2 * p.lq)),
+        RQ=p.rt, BPG=max(1, 64 // p.ps), P=PROBES, ROT=p.rot,
         **st.common(), **st.bias_flags(), **st.pdl,
     )  # fmt: skip
 

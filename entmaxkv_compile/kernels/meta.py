@@ -215,9 +215,8 @@ def update_kernel(
         if BOX:  # the top-k selection's radix histograms (the page scoring adds the first round)
             tl.store(hist_ptr + bh64 * 1024 + tl.arange(0, 1024), tl.zeros([1024], tl.int32))
     if ROT and pid == 0:  # the group's query rows, rotated once for every scoring program (qrot[bh, r])
-        rq, rqm, hqq, qpq = group_rows(
-            kvh, G, LQ, R, RQ
-        )  # RQ = max(4, p2(R)) rows, not RP: a shorter butterfly
+        # on RQ = max(4, p2(R)) rows, not the RP padded ones: a shorter butterfly
+        rq, rqm, hqq, qpq = group_rows(kvh, G, LQ, R, RQ)
         d = tl.arange(0, D)
         qf = load_q(q_ptr, b, hqq, qpq, rqm, sqb, sqh, sql, D).to(tl.float32)
         tl.store(qrot_ptr + (bh64 * R + rq)[:, None] * D + d[None, :], rotate(qf, D), mask=rqm[:, None])
