@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Nsight Compute on one decode step per policy at 1M (scripts/gpu/ncu_step.py; ≈ 2 min on one H200, where
+# ncu reads the hardware counters — Firecracker machines; --clock-control none leaves the clocks alone).
+# Writes $OUT/ncu/: the report (step.ncu-rep, ~25 MB), details.txt, raw.csv, summary.txt (one line per
+# launch: time, issue rate, occupancy, registers, largest stalls), and for the first two scoring launches
+# (certified int4, int8) their SASS with per-instruction counters (score_*.csv) and hot loop (score_*.txt).
+#   OUT=/tmp/out bash scripts/gpu/ncu.sh [CONTEXT]        (from the repo root)
+set -u
+cd "$(dirname "$0")/../.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+if ! python3 -c "import entmax" 2>/dev/null && ls .whl/*.whl > /dev/null 2>&1; then  # as run_all.sh
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+DST="${OUT:?set OUT}/ncu"
+mkdir -p "$DST"
+timeout 300 ncu --clock-control none --profile-from-start off --replay-mode kernel \
+  --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+  --section Occupancy --section LaunchStats --section SourceCounters --section ComputeWorkloadAnalysis \
+  --section InstructionStats -o "$DST/step" python3 scripts/gpu/ncu_step.py run "${1:-1048576}" > "$DST/ncu.log" 2>&1
+echo "ncu rc=$?"
+ncu -i "$DST/step.ncu-rep" --page details > "$DST/details.txt" 2>&1
+ncu -i "$DST/step.ncu-rep" --page raw --csv > "$DST/raw.csv" 2>&1
+python3 scripts/gpu/ncu_step.py summary "$DST/raw.csv" | tee "$DST/summary.txt"
+for i in 0 1; do
+  ncu -i "$DST/step.ncu-rep" --kernel-name score_kernel --launch-skip $i --launch-count 1 --page source --csv \
+    --print-source sass > "$DST/score_$i.csv" 2>&1
+  python3 scripts/gpu/ncu_step.py hot "$DST/score_$i.csv" > "$DST/score_$i.txt"
+done
