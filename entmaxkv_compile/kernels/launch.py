@@ -52,11 +52,12 @@ PROBES = 8  # key rows per KV group re-read every step, so a rewritten cache (ne
 # wave (ops/cuda.py's PROGRAMS_PER_SM). fp32 keys and larger groups would spill under the cap: run uncapped.
 SCORE_MAXNREG = 128
 # Tiles between exchanges of the running maxima (score_kernel's SYNC; exact tiles are Plan.block_n tokens,
-# sketch tiles Plan.block_sk): sketch passes exchange more often, as a late maximum lets their looser bounds
-# overflow the segments — with packed 128-token tiles int4 every 256 tokens (128K: 7 of 8 groups went dense
-# at 512 tokens of 64-token tiles, 4 of 8 at 512 tokens of 128-token tiles), int8 every 512.
-SYNC_EXACT = 8
-SYNC_SKETCH = {1: 4, 2: 2}
+# sketch tiles Plan.block_sk); a program takes each answer at its next exchange, so a maximum reaches the
+# others SYNC tiles late. A late maximum lets looser bounds overflow the segments: int4 exchanges every tile
+# (every 2 tiles, answers 2 late: 128K went dense in 6–8 of 8 groups), int8 and exact passes every 2 tiles
+# (4 and 8 cost 1–3% at 128K; ab_2026-11-30/).
+SYNC_EXACT = 2
+SYNC_SKETCH = {1: 2, 2: 1}
 # Up to this cache capacity the exact scoring pass also writes the dense workspace (R·4 bytes per token
 # against D·2 of K: ~6% more traffic at R = 4; only where it is ≤ 1/8 of K), which saves the two workspace
 # launches on every step.

@@ -4,12 +4,12 @@
 the exact keys (``SRC == 0``) or from a key sketch (``SRC`` 1: int8, 2: int4) with a per-token bound ``[z_lo,
 z_hi]``. With ``KEEP`` it keeps the tokens that can matter (``z_hi > M̃ − 1`` for some row, ``M̃ ≤ max z_lo``
 a running maximum shared by all programs of the group through ``gmax``; τ ≥ max z − 1 makes every other token
-irrelevant; programs exchange their running maxima through ``gmax`` only every ``SYNC`` tiles and use the
-answer a tile later, so no tile waits on an L2 atomic) in the program's *segment* ``(idx, z_lo[, z_hi])`` of
+irrelevant; programs exchange their running maxima through ``gmax`` every ``SYNC`` tiles and take each answer
+at the next exchange, so no tile waits on an L2 atomic) in the program's *segment* ``(idx, z_lo[, z_hi])`` of
 static capacity ``segcap`` (a count past it marks an overflow). With ``WRITE_WS`` it writes every ``z`` to the
 dense workspace instead (the overflow fallback). ``cand_kernel`` turns a sketch segment into a segment of
-exact scores: it keeps the tokens whose upper bound beats ``τ_low`` (the threshold of the lower bounds,
-which is ≤ τ by monotonicity), gathers their exact key rows and compacts them in place.
+exact scores: it keeps the tokens whose upper bound beats ``τ_low`` (the threshold of the lower bounds, which
+is ≤ τ by monotonicity), gathers their exact key rows and compacts them in place.
 
 Sketches are scored by int8 tensor-core dots on the codes as loaded (int4 nibbles unpacked to int8 in
 registers), one dot per channel group of ``GS`` (scaled by the group's step after the dot, exact): the query
@@ -369,7 +369,20 @@ def score_kernel(
         runmax = tl.full([RS], NEG_INF, tl.float32)
         lastv = tl.zeros([BLOCK_N], tl.int32)  # per tile column: reduced once, at the end
         known = tl.full([RS], NEG_INF, tl.float32)
-        pending = tl.full([RS], NEG_INF, tl.float32)
+        # The exchange's atomics run one per thread (XW slots, slot i for row i % RS, the first R live): an
+        # atomic on fewer elements than threads hands its answer round through shared memory at once, so every
+        # warp would wait for the L2 round trip right there (~15% of an int4 pass at 1M, by Nsight Compute).
+        # Here the answers stay in their threads until the next exchange takes them, SYNC tiles later. A float
+        # maximum is an int32 maximum on the bits of a value ≥ +0 and a uint32 minimum on those of a negative
+        # one: both answers are kept, with the sign, and picked when taken (a select at once would wait too).
+        XW: tl.constexpr = 128  # the threads of a 4-warp program (any size is correct)
+        xr = tl.arange(0, XW) % RS
+        xlive = (tl.arange(0, XW) < RS) & (xr < R)
+        gi = (gmax_ptr + bh64 * RP + xr).to(tl.pointer_type(tl.int32))
+        gu = gi.to(tl.pointer_type(tl.uint32))
+        ans_neg = xlive
+        ans_i = tl.full([XW], NEG_INF, tl.float32).to(tl.int32, bitcast=True)
+        ans_u = ans_i.to(tl.uint32, bitcast=True)
         it = tl.full([], 0, tl.int32)
         cnt = tl.full([], 0, tl.int32)
         nxt = start + tl.arange(0, BLOCK_N)
@@ -436,10 +449,19 @@ def score_kernel(
             runmax = tl.maximum(runmax, tlo)
             lastv = tl.maximum(lastv, tl.where(tokv, pos + 1, 0))
             if KEEP:
-                known = tl.maximum(known, pending)  # the previous exchange's answer, one tile late
                 if it % SYNC == 0:
-                    old = tl.atomic_max(gmax_ptr + bh64 * RP + r, runmax, mask=rmask, sem="relaxed")
-                    pending = tl.where(rmask, old, NEG_INF)
+                    ans = tl.where(
+                        ans_neg, ans_u.to(tl.float32, bitcast=True), ans_i.to(tl.float32, bitcast=True)
+                    )
+                    ans = tl.reshape(tl.where(xlive, ans, NEG_INF), [XW // RS, RS])
+                    known = tl.maximum(known, tl.max(ans, axis=0))
+                    mine = tl.reshape(tl.broadcast_to(runmax[None, :], [XW // RS, RS]), [XW])
+                    mine = mine.to(tl.int32, bitcast=True)
+                    ans_neg = mine < 0
+                    ans_i = tl.atomic_max(gi, mine, mask=xlive & ~ans_neg, sem="relaxed")
+                    ans_u = tl.atomic_min(
+                        gu, mine.to(tl.uint32, bitcast=True), mask=xlive & ans_neg, sem="relaxed"
+                    )
                 thr = tl.maximum(known, runmax) - 1.0
                 if tl.max((thi > thr).to(tl.int32), axis=0) > 0:  # the tile keeps something (rare)
                     keep = tl.sum((zhi > thr[:, None]).to(tl.int32), axis=0) > 0
