@@ -465,6 +465,18 @@ def test_long_splits_exchange_maxima_every_few_tiles(policy, sketch):
     assert site.mode.tolist() == ([1, 1] if policy == "dense" else [0, 0])
 
 
+@pytest.mark.parametrize("policy,sketch", [("dense", "int8"), ("certified", "int8"), ("certified", "int4")])
+def test_exchange_of_negative_maxima(policy, sketch):
+    """Every score far below zero (a −40 bias on every position), four programs per group: the running maxima
+    the programs exchange are negative, which a float ``atomic_max`` publishes as an unsigned minimum on the
+    bits; an answer taken from the wrong half would read as ≥ +0 and drop every token."""
+    q, k, v = _inputs(1, 2, 2, 1, 1024, 64, torch.float32, seed=5)
+    bias = _mask(1, 1024, [1000]) - 40.0
+    out, site, _ = _run(policy, q, k, v, bias, 1.5, sketch=sketch, min_candidates=64, candidate_fraction=0.5)
+    assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=1.5, bias=bias)) < 1e-5
+    assert site.mode.tolist() == ([1, 1] if policy == "dense" else [0, 0])
+
+
 def test_certified_over_capacity_falls_back_per_group():
     q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.bfloat16, seed=2)
     q[:, 2:] = 0.0  # KV head 1: flat scores, every token a candidate
