@@ -477,6 +477,16 @@ def test_exchange_of_negative_maxima(policy, sketch):
     assert site.mode.tolist() == ([1, 1] if policy == "dense" else [0, 0])
 
 
+@pytest.mark.parametrize("policy,sketch", [("dense", "int8"), ("certified", "int8"), ("certified", "int4")])
+def test_group_of_256_rows(policy, sketch):
+    """MQA with 64 query heads and Lq = 4: a group's 256 rows outnumber a scoring program's 128 threads (the
+    running-maximum exchange then takes one slot per row)."""
+    q, k, v = _inputs(1, 1, 64, 4, 48, 64, torch.float32, seed=1)
+    out, site, _ = _run(policy, q, k, v, None, 1.5, n_programs=4, sketch=sketch, candidate_fraction=1.0)
+    assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=1.5)) < 1e-5
+    assert site.mode.tolist() == ([1] if policy == "dense" else [0])
+
+
 def test_certified_over_capacity_falls_back_per_group():
     q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.bfloat16, seed=2)
     q[:, 2:] = 0.0  # KV head 1: flat scores, every token a candidate

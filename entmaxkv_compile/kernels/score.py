@@ -375,7 +375,7 @@ def score_kernel(
         # Here the answers stay in their threads until the next exchange takes them, SYNC tiles later. A float
         # maximum is an int32 maximum on the bits of a value ≥ +0 and a uint32 minimum on those of a negative
         # one: both answers are kept, with the sign, and picked when taken (a select at once would wait too).
-        XW: tl.constexpr = 128  # the threads of a 4-warp program (any size is correct)
+        XW: tl.constexpr = RS if RS > 128 else 128  # a 4-warp program's threads, or one slot per row
         xr = tl.arange(0, XW) % RS
         xlive = (tl.arange(0, XW) < RS) & (xr < R)
         gi = (gmax_ptr + bh64 * RP + xr).to(tl.pointer_type(tl.int32))
