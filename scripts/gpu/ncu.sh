@@ -8,11 +8,7 @@
 #   OUT=/tmp/out bash scripts/gpu/ncu.sh [CONTEXT]        (from the repo root)
 set -u
 cd "$(dirname "$0")/../.."
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
-if ! python3 -c "import entmax" 2>/dev/null && ls .whl/*.whl > /dev/null 2>&1; then  # as run_all.sh
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
+source scripts/gpu/env.sh
 DST="${OUT:?set OUT}/ncu"
 mkdir -p "$DST"
 timeout 300 ncu --clock-control none --profile-from-start off --replay-mode kernel \

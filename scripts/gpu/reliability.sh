@@ -7,14 +7,10 @@
 # $OUT/reliability/; <= 190 s wall. A failing job does not stop the others.
 set -u
 cd "$(dirname "$0")/../.."
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+source scripts/gpu/env.sh
 OUT_DIR="${OUT:-/tmp}/reliability"
 mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python3}"
-if ! "$PY" -c "import entmax" 2>/dev/null && ls .whl/*.whl > /dev/null 2>&1; then  # as run_all.sh
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
 t0=$(date +%s)
 
 timeout 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider --durations=0 tests/gpu/test_gpu_recompiles.py \

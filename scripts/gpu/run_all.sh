@@ -9,11 +9,7 @@
 #   OUT=/tmp/out bash scripts/gpu/run_all.sh        (from the repo root)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-export PYTHONPATH=.
-if ls .whl/*.whl > /dev/null 2>&1; then  # wheels missing from the GPU image (the entmax package), carried along
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=.:/tmp/site
-fi
+source scripts/gpu/env.sh
 mkdir -p "$OUT"
 t0=$(date +%s)
 stamp() { echo "[run_all +$(($(date +%s) - t0))s] $*"; }
