@@ -71,7 +71,7 @@ for ptr, n, b in ((x, 5, 64), (x, 9, 64), (x, 7, 64), (x, 16, 64), (x, 1, 64), (
 fresh = triton_compiles()
 b, hq, hkv, s, d, cpu = 2, 8, 2, 2080, 64, torch.device("cpu")
 pipelines = {}
-for policy in ("certified", "topk"):
+for policy in ("certified", "topk", "adaptive"):
     cfg = EntmaxKVConfig(policy=policy, budget_pages=8)
     plan = make_plan((b, hq, 1, d), (b, hkv, s, d), d, cfg, 396)
     scratch, site = Scratch(plan, cpu), SiteBuffers(plan, cpu, torch.bfloat16)
@@ -104,12 +104,13 @@ def test_triton_compiles_counts_new_specialisations_only(probe: dict) -> None:
     assert probe["toy"] == [0, 1, 1, 1, 2, 3, 4, 5]
     launched = ("meta.update_kernel", "score.score_kernel", "score.cand_kernel", "solve.solve_kernel")
     launched += ("output.output_kernel", "pages.page_score_kernel", "pages.select_hist_kernel")
-    launched += ("pages.select_take_kernel", "pages.page_gather_kernel")
+    launched += ("pages.select_take_kernel", "pages.page_gather_kernel", "pages.page_tau_kernel")
+    launched += ("pages.page_pass_kernel",)
     assert set(launched) <= set(probe["fresh"])  # every kernel launch.py launches is counted …
     assert set(probe["fresh"].values()) == {0}  # … and none compiled yet in a fresh process
 
 
-@pytest.mark.parametrize("policy", ["certified", "topk"])
+@pytest.mark.parametrize("policy", ["certified", "topk", "adaptive"])
 def test_pipelines_compile_nothing_new_as_the_length_grows(probe: dict, policy: str) -> None:
     first, *rest = probe["pipelines"][policy]
     launched = [name for name, n in first.items() if n > 0]

@@ -406,7 +406,7 @@ def test_topk_segments_hold_what_can_be_in_the_support():
     assert kept_total > 0
 
 
-@pytest.mark.parametrize("policy", ["dense", "certified", "topk"])
+@pytest.mark.parametrize("policy", ["dense", "certified", "topk", "adaptive"])
 def test_scratch_is_clean_for_the_next_call(policy):
     """Two calls on one Scratch, the second with much lower scores: the first call's running maxima must be
     gone (else the end-of-program filters drop the second call's support). The first call's short supports
@@ -515,6 +515,52 @@ def test_topk_matches_reference(page_size, alpha, lengths, dtype):
     assert site.mode.tolist() == [0] * 4
 
 
+@pytest.mark.parametrize(
+    "shape,alpha,dtype,bias_kind,slack",
+    [
+        ((2, 2, 2, 1, 256, 64), 1.5, torch.float32, "mask", 0.0),  # GQA, per-row lengths
+        ((2, 2, 2, 1, 256, 64), 2.0, torch.bfloat16, "mask", 0.3),
+        ((1, 2, 2, 1, 200, 64), 1.3, torch.float32, "none", 0.0),  # generic α, a partial last page
+        ((1, 1, 4, 1, 256, 64), 1.5, torch.float32, "alibi", 0.0),  # MQA, per-head ALiBi: per-row entries
+        ((1, 2, 2, 1, 256, 64), 1.5, torch.float32, "holes", 0.0),  # a third of each page masked: counts
+        ((1, 2, 2, 2, 256, 64), 2.0, torch.float16, "mask", 0.1),  # Lq = 2, causal rows
+    ],
+)
+def test_adaptive_selects_the_reference_pages(shape, alpha, dtype, bias_kind, slack):
+    """``adaptive``: the τ estimate from page-box centres drops pages before the budget does; the kernels
+    select exactly the reference's pages (per-row counts and biases included) and match its output."""
+    from entmaxkv_compile.reference.decode import _page_selection, attention_scores
+
+    b, hkv, g, lq, s, d = shape
+    q, k, v = _inputs(b, hkv, g, lq, s, d, dtype, seed=11)
+    gen = torch.Generator().manual_seed(12)  # keys clustered by page (narrow boxes, spread centres)
+    centres = torch.randn(b, hkv, s // 8, 1, d, generator=gen).expand(-1, -1, -1, 8, -1)
+    k = (0.1 * k.float() + centres.flatten(2, 3)).to(dtype)
+    bias = None if bias_kind == "none" else _mask(b, s, [s - 3 - 70 * i for i in range(b)], lq)
+    if bias_kind == "alibi":
+        bias = bias + torch.tensor([0.5, 0.25, 0.125, 0.0625])[:, None, None] * (torch.arange(s) - s).float()
+    if bias_kind == "holes":
+        bias[..., torch.arange(s) % 3 == 1] = NEG
+    cfg = dict(page_size=8, budget_pages=24, sink_pages=1, recent_pages=1, adaptive_slack=slack)
+    config = EntmaxKVConfig(policy="adaptive", **cfg)
+    plan = make_plan(tuple(q.shape), tuple(k.shape), d, config, 8, 16)
+    site, sc = SiteBuffers(plan, q.device, k.dtype), Scratch(plan, q.device)
+    scale = d**-0.5 * 2
+    out = decode(plan, sc, site, q, k, v, bias, scale, alpha, config)
+    ref, _ = decode_attention(q, k, v, scale=scale, alpha=alpha, bias=bias, config=config)
+    assert _err(out, ref) < max(TOL[dtype], 1e-5)
+    assert site.mode.tolist() == [0] * plan.bh
+    sc_ref = attention_scores(q, k, scale=scale, bias=bias)
+    valid = (sc_ref > NEG).reshape(b, -1, s).any(1)
+    want, _, _ = _page_selection(q, k, sc_ref, valid, scale, alpha, bias, config)
+    want = want.reshape(plan.bh, -1)
+    topk, _, _ = _page_selection(q, k, sc_ref, valid, scale, alpha, bias, config.replace(policy="topk"))
+    assert (want.sum(-1) < topk.reshape(plan.bh, -1).sum(-1)).any()  # the estimate dropped pages
+    for grp in range(plan.bh):
+        got = sc.sel[grp * plan.sel_cap :][: int(sc.nsel[grp])].long()
+        assert got.tolist() == want[grp].nonzero()[:, 0].tolist()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_page_scores_of_empty_pages_are_masked(monkeypatch, dtype):
     """Pages whose boxes are empty (``kmin = +inf``, ``kmax = −inf``) although the bias lets them through —
@@ -575,7 +621,7 @@ def test_topk_split_selection_breaks_ties_to_lowest_pages(monkeypatch):
 def test_min_context_runs_dense():
     q, k, v = _inputs(1, 2, 2, 1, 128, 64, torch.float32, seed=4)
     bias = _mask(1, 128, [100])
-    for policy in ("certified", "topk"):
+    for policy in ("certified", "topk", "adaptive"):
         out, site, _ = _run(policy, q, k, v, bias, 1.5, min_context=101)
         assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=1.5, bias=bias)) < 1e-5
         assert site.mode.tolist() == [1, 1]
@@ -591,7 +637,7 @@ def _site_step(policy, q, k_cache, v_cache, length, site):
     return _err(out, ref)
 
 
-@pytest.mark.parametrize("policy", ["certified", "topk"])
+@pytest.mark.parametrize("policy", ["certified", "topk", "adaptive"])
 def test_incremental_metadata_across_steps(policy):
     """A static cache decoded step by step: metadata updated in place equals a fresh rebuild, a shorter
     sequence triggers a rebuild on device, a new cache tensor or ``reset_all`` one on the host."""

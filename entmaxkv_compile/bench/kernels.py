@@ -3,7 +3,9 @@
 For each shape and context: ``torch.nn.functional.scaled_dot_product_attention`` (dense softmax,
 ``enable_gqa``, no mask: its fastest path), the exact dense entmax decode, the default policy ``auto`` (dense
 or certified by the cache length), ``certified`` with int8 and int4
-sketches at controlled candidate fractions, and static ``topk`` at 1/n of the pages (``--topk``). Each
+sketches at controlled candidate fractions, static ``topk`` at 1/n of the pages (``--topk``) and ``adaptive``
+capped at 1/n of the pages (``--adaptive``; its τ estimate keeps nearly every page on this data, where page
+boxes of N(0, 1) keys are wide, so it times the estimate's cost on top of top-k). Each
 variant is captured in a CUDA graph; the time is the median over ``--reps`` replays (CUDA events, L2 flushed
 before each) after warm-up; the eager median (with Python launch overhead) is reported too. Bytes read count
 KV rows, metadata (sketch or page boxes) and the mask; bandwidth is compared with a device-to-device copy
@@ -45,6 +47,7 @@ VARIANT_SITES = {
     ("certified", "int4"): 2,
     ("topk", "int8"): 3,
     ("auto", "int8"): 4,
+    ("adaptive", "int8"): 5,
 }
 
 
@@ -65,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="comma list of sketch rotations: on, off or 'default' (the config's: on for int4)",
     )
     p.add_argument("--topk", default="64", help="comma list of n: top-k budgets of 1/n of the pages")
+    p.add_argument("--adaptive", default="64", help="comma list of n: adaptive capped at 1/n of the pages")
     p.add_argument("--reps", type=int, default=50, help="timed replays per variant (median)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument(
@@ -213,6 +217,7 @@ def _bench_case(
 
     records: list[dict] = []
     topk_divs = [int(x) for x in args.topk.split(",") if x]
+    adaptive_divs = [int(x) for x in args.adaptive.split(",") if x]
     groups = [None if x == "default" else int(x) for x in args.sketch_groups.split(",")]
     rotations = [{"default": None, "on": True, "off": False}[x] for x in args.rotations.split(",")]
     b, hq, hkv, d = shape["b"], shape["hq"], shape["hkv"], shape["d"]
@@ -308,16 +313,17 @@ def _bench_case(
             metadata_bytes=meta, group=gs, rotated=cfg.rotate_sketch,
         )  # fmt: skip
 
-    def topk_variant(div: int):
+    def paged_variant(policy: str, div: int):
+        """``topk`` or ``adaptive`` with a budget of 1/div of the pages (bytes: at the budget's pages)."""
         n_pages = s // 16
-        cfg = EntmaxKVConfig(policy="topk", budget_pages=max(1, n_pages // div))
+        cfg = EntmaxKVConfig(policy=policy, budget_pages=max(1, n_pages // div))
         site, fn = ours(cfg)
         fn()
         _, sup, modes = group_stats(site)
         sel = cfg.budget_pages + cfg.sink_pages + cfg.recent_pages
         meta = metadata(cfg)[1]
         record(
-            f"topk-1/{div}", fn, meta + b * hkv * sel * 16 * d * esize + sup * d * esize + b * s * 4,
+            f"{policy}-1/{div}", fn, meta + b * hkv * sel * 16 * d * esize + sup * d * esize + b * s * 4,
             pages_frac=sel / n_pages, support=sup, modes=modes, metadata_bytes=meta,
         )  # fmt: skip
 
@@ -336,8 +342,9 @@ def _bench_case(
                         fraction=frac,
                     )
         if i == 0:
-            for div in topk_divs:
-                guarded(f"topk-1/{div}", lambda x=div: topk_variant(x))
+            for policy, divs in (("topk", topk_divs), ("adaptive", adaptive_divs)):
+                for div in divs:
+                    guarded(f"{policy}-1/{div}", lambda p=policy, x=div: paged_variant(p, x))
     for r in records:
         if "ms" in r:
             r["ratio"] = r["ms"] / sdpa["ms"]

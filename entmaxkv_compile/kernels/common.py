@@ -132,7 +132,7 @@ def _add2(a, b, c, d):
 
 
 @triton.jit
-def _newton(tau, f, g):
+def newton_step(tau, f, g):
     """One Newton step on ``f(τ) = Σ[z − τ]_+^β`` towards 1 (``g = −f′``); also whether it moved."""
     step = (f - 1.0) / tl.maximum(g, 1e-30)
     return tau + tl.maximum(step, 0.0), step > 1e-7 * tl.maximum(tl.abs(tau), 1.0)
@@ -146,7 +146,7 @@ def newton_tile(z, tau, go, beta, MODE: tl.constexpr, MAXIT: tl.constexpr):
     while (it < MAXIT) & go:
         x = tl.maximum(zr - tau, 0.0)
         f, g = tl.reduce((pow_beta(x, beta, MODE), dpow_beta(x, beta, MODE)), 0, _add2)
-        tau, go = _newton(tau, f, g)
+        tau, go = newton_step(tau, f, g)
         it += 1
     return tau
 
@@ -182,7 +182,7 @@ def solve_tau(z_ptr, n, zmax, tau0, beta, MODE: tl.constexpr, BLOCK: tl.constexp
                 x = tl.maximum(tl.load(z_ptr + o, mask=o < n, other=NEG_INF) - tau, 0.0)
                 fv += pow_beta(x, beta, MODE)
                 gv += dpow_beta(x, beta, MODE)
-            tau, go = _newton(tau, tl.sum(fv), tl.sum(gv))
+            tau, go = newton_step(tau, tl.sum(fv), tl.sum(gv))
             it += 1
     return tl.where(zmax > NEG_INF, tau, 0.0)
 

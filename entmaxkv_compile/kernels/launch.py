@@ -14,6 +14,8 @@ Pipelines (each launch early-exits for groups in another mode):
   output → probe(record)
 * ``topk``: update(probes, boxes) → page scores → select → page gather → solve → dense tail → output →
   probe(record)
+* ``adaptive``: as ``topk``, with the τ estimate between the page scores and the selection: page scores (+ per
+  row bounds and centre entries) → τ estimate → drop the pages below it → select → …
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from ..config import EntmaxKVConfig
 from ..reference.sketch import rotation_eps
 from .meta import probe_kernel, update_kernel
 from .output import output_kernel
-from .pages import page_gather_kernel, page_score_kernel, select_hist_kernel, select_take_kernel
+from .pages import (
+    page_gather_kernel,
+    page_pass_kernel,
+    page_score_kernel,
+    page_tau_kernel,
+    select_hist_kernel,
+    select_take_kernel,
+)
 from .score import cand_kernel, score_kernel
 from .solve import solve_kernel
 
@@ -43,7 +52,9 @@ OUT_SCAN = 1024
 OUT_BLOCK = 32
 OUT_SOLO = 64  # lists up to this long (a support, usually) are read by one program per row
 SELECT_BLOCK = 1024
+PASS_BLOCK = 256  # pages per tile of page_pass_kernel ([RP, PASS_BLOCK] bounds)
 NO_CAP = 2**31 - 1
+PAGED = ("topk", "adaptive")  # policies that select pages by their boxes
 SKETCH_BITS = {"int8": 8, "int4": 4}
 SKETCH_TILE = 32  # update_kernel's key rows per tile; a decode step's window takes min(this, p2(2·Lq))
 PROBES = 8  # key rows per KV group re-read every step, so a rewritten cache (new sequence) is seen
@@ -124,6 +135,10 @@ class Plan:
     rot: bool  # the sketch is of R·k (EntmaxKVConfig.rotate_sketch)
 
     @property
+    def paged(self) -> bool:
+        return self.policy in PAGED
+
+    @property
     def bh(self) -> int:
         return self.b * self.hkv
 
@@ -139,7 +154,7 @@ class Plan:
         """Metadata read per cached token and KV group by one step (sketch or page boxes)."""
         if self.sk:
             return (self.d if self.sk == 1 else self.d // 2) + 2 * (self.d // self.gs) + 4
-        if self.policy == "topk":
+        if self.paged:
             return 2 * self.d * key_bytes / self.ps
         return 0.0
 
@@ -213,7 +228,7 @@ def make_plan(
     nsplit_p = _cdiv(n_pages, pages_per_split)
     sel_cap = config.budget_pages + config.sink_pages + config.recent_pages
     nsplit_t = max(1, min(_cdiv(n_programs, bh), sel_cap))
-    segcap_t = _cdiv(sel_cap, nsplit_t) * ps if policy == "topk" else 0
+    segcap_t = _cdiv(sel_cap, nsplit_t) * ps if policy in PAGED else 0
     return Plan(
         b, hkv, hq // hkv, lq, s, d, dv, policy, bn, nsplit, split_len, segcap, capc, nso, sk, gs, ps,
         n_pages, bp, pages_per_split, nsplit_p, sel_cap, nsplit_t, segcap_t, sk != 0 and config.rotate_sketch,
@@ -250,7 +265,7 @@ class Scratch:
         self.psum = torch.empty(rows * p.nso, dtype=f32, device=dev)
         self.pcnt = torch.empty(rows * p.nso, dtype=i32, device=dev)
         self.ticket = torch.zeros(rows, dtype=i32, device=dev)
-        if p.policy == "topk":
+        if p.paged:
             nt = p.bh * p.nsplit_t
             self.tseg_idx = torch.empty(nt * p.segcap_t, dtype=i32, device=dev)
             self.tseg_z = torch.empty(nt * 2 * p.r * p.segcap_t, dtype=f32, device=dev)
@@ -262,6 +277,11 @@ class Scratch:
             self.sel_hist = torch.zeros(p.bh * 4 * 256, dtype=i32, device=dev)
             self.sel_ties = torch.zeros(p.bh * p.nsplit_p * 256, dtype=i32, device=dev)
             self.sel_cnt = torch.zeros(p.bh * p.nsplit_p, dtype=i32, device=dev)
+        if p.policy == "adaptive":  # per row and page: bound, τ-estimate entry and its token count
+            self.urow = torch.empty(rows * p.n_pages, dtype=f32, device=dev)
+            self.zc = torch.empty(rows * p.n_pages, dtype=f32, device=dev)
+            self.nc = torch.empty(rows * p.n_pages, dtype=i32, device=dev)
+            self.prank = torch.empty(p.bh * p.n_pages, dtype=f32, device=dev)  # scores of passing pages
 
 
 class SiteBuffers:
@@ -286,7 +306,7 @@ class SiteBuffers:
             self.codes = torch.empty(p.bh * p.s * width, dtype=torch.int8, device=dev)
             self.scales = torch.empty(p.bh * p.s * (p.d // p.gs), dtype=torch.float16, device=dev)
             self.res = torch.empty(p.bh * p.s, dtype=torch.float32, device=dev)
-        if p.policy == "topk":
+        if p.paged:
             self.kmin = torch.empty(p.bh * p.n_pages * p.d, dtype=key_dtype, device=dev)
             self.kmax = torch.empty(p.bh * p.n_pages * p.d, dtype=key_dtype, device=dev)
 
@@ -420,7 +440,7 @@ def _probe(st: Step, site: SiteBuffers) -> None:
 
 def _update(st: Step, site: SiteBuffers, sc: Scratch) -> None:
     p, k = st.p, st.k
-    box = p.policy == "topk"
+    box = p.paged
     sk = (site.codes, site.scales, site.res) if p.sk else (site.wm,) * 3
     update_kernel[(p.bh, p.nsplit)](
         k, st.bias, site.wm, site.vend, sc.mode, *sk, st.q, sc.qrot, site.kmin if box else k,
@@ -468,13 +488,25 @@ def decode(
         _solve(st, sc, 0, 1, sc.tau, capc=p.capc, cand=site.candidates)
         nlast = p.nsplit
     else:
+        adapt = p.policy == "adaptive"
+        rowp = (sc.urow, sc.zc, sc.nc) if adapt else (sc.pscore,) * 3
         page_score_kernel[(p.bh, p.nsplit_p)](
-            q, site.kmin, site.kmax, st.bias, sc.pscore, sc.last, sc.sel_hist, q.stride(0), q.stride(1),
-            q.stride(2), *st.bst, p.hkv, p.s, p.n_pages, p.n_pages, p.pages_per_split, st.zmul, st.bmul,
-            2.0 * (2 * p.d + 4) * 2.0**-24, D=p.d, PS=p.ps, BP=p.bp, F32=st.f32, HB=SELECT_BLOCK,
-            num_stages=PAGE_STAGES, **st.common(), **st.bias_flags(), **st.pdl,
+            q, site.kmin, site.kmax, st.bias, sc.pscore, sc.last, sc.sel_hist, *rowp, q.stride(0),
+            q.stride(1), q.stride(2), *st.bst, p.hkv, p.s, p.n_pages, p.n_pages, p.pages_per_split, st.zmul,
+            st.bmul, 2.0 * (2 * p.d + 4) * 2.0**-24, D=p.d, PS=p.ps, BP=p.bp, F32=st.f32, HB=SELECT_BLOCK,
+            ADAPT=adapt, num_stages=PAGE_STAGES, **st.common(), **st.bias_flags(), **st.pdl,
         )  # fmt: skip
-        sel_args = (sc.pscore, sc.last, sc.sel_hist, sc.sel_ties)
+        if adapt:
+            page_tau_kernel[(p.bh, p.r)](
+                sc.zc, sc.nc, sc.tau_low, p.n_pages, p.n_pages, st.beta, R=p.r, RP=p.rp, MODE=st.mode,
+                BLOCK=SOLVE_BLOCK, MAXIT=MAXIT, num_warps=8, **st.pdl,
+            )  # fmt: skip
+            page_pass_kernel[(p.bh, p.nsplit_p)](
+                sc.pscore, sc.prank, sc.urow, sc.tau_low, sc.sel_hist, p.n_pages, p.n_pages,
+                p.pages_per_split, config.adaptive_slack, R=p.r, RP=p.rp, BLOCK=PASS_BLOCK, HB=SELECT_BLOCK,
+                **st.pdl,
+            )  # fmt: skip
+        sel_args = (sc.prank if adapt else sc.pscore, sc.last, sc.sel_hist, sc.sel_ties)
         sizes = (p.n_pages, p.n_pages)
         for rnd in range(1, 4):
             select_hist_kernel[(p.bh, p.nsplit_p)](
@@ -483,9 +515,10 @@ def decode(
             )  # fmt: skip
         for pas in range(2):
             select_take_kernel[(p.bh, p.nsplit_p)](
-                *sel_args, sc.sel_cnt, sc.sel, sc.nsel, sc.mode, *sizes, p.sel_cap, p.nsplit_p,
+                *sel_args, sc.sel_cnt, sc.sel, sc.nsel, sc.mode, sc.pscore, *sizes, p.sel_cap, p.nsplit_p,
                 config.budget_pages, config.sink_pages, config.recent_pages, config.min_context,
-                p.pages_per_split, PS=p.ps, PASS=pas, BLOCK=SELECT_BLOCK, NL_P2=_p2(p.nsplit_p), **st.pdl,
+                p.pages_per_split, PS=p.ps, PASS=pas, BLOCK=SELECT_BLOCK, NL_P2=_p2(p.nsplit_p), RANKED=adapt,
+                **st.pdl,
             )  # fmt: skip
         page_gather_kernel[(p.bh, p.nsplit_t)](
             q, k, st.bias, sc.sel, sc.nsel, sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, sc.gmax,

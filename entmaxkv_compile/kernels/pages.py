@@ -23,7 +23,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, cvt, group_rows, load_bias, load_q, mm, pdl_enter, refilter, seg_store
+from .common import (
+    NEG_INF,
+    cvt,
+    dpow_beta,
+    group_rows,
+    load_bias,
+    load_q,
+    mm,
+    newton_step,
+    pdl_enter,
+    pow_beta,
+    refilter,
+    seg_store,
+)
+
+POS_INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
@@ -64,6 +79,19 @@ def _bias_pages(
 
 
 @triton.jit
+def _page_counts(
+    raw, RP: tl.constexpr, BP: tl.constexpr, PS: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_ROWS: tl.constexpr
+):
+    """Valid tokens per row and page ``[RP, BP]`` of ``_bias_raw``'s tile (shared: the same for every row)."""
+    if HAS_BIAS and BIAS_ROWS != 1:
+        n = tl.sum(tl.reshape((raw > NEG_INF).to(tl.int32), [RP, BP, PS]), axis=2)
+    else:
+        n = tl.sum(tl.reshape((raw > NEG_INF).to(tl.int32), [BP, PS]), axis=1)
+        n = tl.broadcast_to(n[None, :], [RP, BP])
+    return n
+
+
+@triton.jit
 def page_score_kernel(
     q_ptr,
     kmin_ptr,
@@ -72,6 +100,9 @@ def page_score_kernel(
     pscore_ptr,
     last_ptr,
     hist_ptr,
+    urow_ptr,
+    zc_ptr,
+    nc_ptr,
     sqb,
     sqh,
     sql,
@@ -98,6 +129,7 @@ def page_score_kernel(
     BIAS_ROWS: tl.constexpr,
     F32: tl.constexpr,
     HB: tl.constexpr,
+    ADAPT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -139,23 +171,112 @@ def page_score_kernel(
             tl.load(kmax_ptr + off0, mask=pm, other=0.0), F32
         )
         kabs = tl.maximum(tl.abs(kmn), tl.abs(kmx)).to(kmx.dtype)
-        box = (
-            mm(q_pos, tl.trans(kmx), F32)
-            + mm(q_neg, tl.trans(kmn), F32)
-            + slack * mm(q_abs, tl.trans(kabs), F32)
-        )
+        hi_lo = mm(q_pos, tl.trans(kmx), F32) + mm(q_neg, tl.trans(kmn), F32)
+        box = hi_lo + slack * mm(q_abs, tl.trans(kabs), F32)
         bmax, tlast = _bias_pages(bias, pos, rmask, RP, BP, PS, HAS_BIAS, BIAS_ROWS)
         live = (bmax > NEG_INF) & ~empty[None, :]
         u = tl.where(live, box * zmul + bmax * bmul, NEG_INF)
         score = tl.max(u, axis=0)
         tl.store(pscore_ptr + bh64 * pcap + pg, score, mask=pm)
         last = tl.maximum(last, tlast)
-    # the radix select's first round over the slice just scored (its scores are in L2; a histogram per
-    # 1,024 pages, not per tile: one costs about as much for 32 keys as for 1,024)
-    tl.debug_barrier()
-    hist = _slice_hist(pscore_ptr, bh64, pcap, p_start, p_end, 0, 0, HB)
-    _add_hist(hist_ptr, bh64, 0, hist)
+        if ADAPT:  # per row: the bound, and the τ estimate's entry (centre score + largest bias, n tokens)
+            ctr = hi_lo + mm(q_neg, tl.trans(kmx), F32) + mm(q_pos, tl.trans(kmn), F32)  # q·kmin + q·kmax
+            ro = (bh64 * R + r)[:, None] * pcap + pg[None, :]
+            rm = rmask[:, None] & pm[None, :]
+            tl.store(urow_ptr + ro, u, mask=rm)
+            tl.store(zc_ptr + ro, tl.where(live, ctr * (0.5 * zmul) + bmax * bmul, NEG_INF), mask=rm)
+            tl.store(nc_ptr + ro, _page_counts(bias, RP, BP, PS, HAS_BIAS, BIAS_ROWS), mask=rm)
+    if not ADAPT:  # adaptive: page_pass_kernel makes the first round, once the τ estimate has dropped pages
+        # the radix select's first round over the slice just scored (its scores are in L2; a histogram per
+        # 1,024 pages, not per tile: one costs about as much for 32 keys as for 1,024)
+        tl.debug_barrier()
+        hist = _slice_hist(pscore_ptr, bh64, pcap, p_start, p_end, 0, 0, HB)
+        _add_hist(hist_ptr, bh64, 0, hist)
     tl.store(last_ptr + bh64 * tl.num_programs(1) + sp, last)
+
+
+@triton.jit
+def page_tau_kernel(
+    zc_ptr,
+    nc_ptr,
+    tau_ptr,
+    pcap,
+    n_pages,
+    beta,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MAXIT: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """``adaptive``'s τ estimate of one row (grid ``[B·Hkv, R]``): ``Σ_p n_p·[z_p − τ]_+^β = 1`` over the
+    pages' entries, by Newton from ``max z − 1`` (the sum is convex and decreasing: the iterates rise to the
+    root); −inf for a row without a valid page."""
+    pdl_enter(PDL)
+    bh64 = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1)
+    base = (bh64 * R + r) * pcap
+    o = tl.arange(0, BLOCK)
+    zmax = tl.max(tl.full([BLOCK], NEG_INF, tl.float32))
+    for p0 in range(0, n_pages, BLOCK):
+        zmax = tl.maximum(zmax, tl.max(tl.load(zc_ptr + base + p0 + o, mask=p0 + o < n_pages, other=NEG_INF)))
+    tau = zmax - 1.0
+    go = zmax > NEG_INF
+    it = tl.full([], 0, tl.int32)
+    while (it < MAXIT) & go:
+        fv = tl.zeros([BLOCK], tl.float32)
+        gv = tl.zeros([BLOCK], tl.float32)
+        for p0 in range(0, n_pages, BLOCK):
+            m = p0 + o < n_pages
+            x = tl.maximum(tl.load(zc_ptr + base + p0 + o, mask=m, other=NEG_INF) - tau, 0.0)
+            n = tl.load(nc_ptr + base + p0 + o, mask=m, other=0).to(tl.float32)
+            fv += n * pow_beta(x, beta, MODE)
+            gv += n * dpow_beta(x, beta, MODE)
+        tau, go = newton_step(tau, tl.sum(fv), tl.sum(gv))
+        it += 1
+    tl.store(tau_ptr + bh64 * RP + r, tl.where(zmax > NEG_INF, tau, NEG_INF))
+
+
+@triton.jit
+def page_pass_kernel(
+    pscore_ptr,
+    rank_ptr,
+    urow_ptr,
+    tau_ptr,
+    hist_ptr,
+    pcap,
+    n_pages,
+    pages_per_split,
+    slack,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HB: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """``adaptive`` (grid ``[B·Hkv, NSPLIT]``, the page-scoring slices): the selection ranks ``rank``, the
+    page scores with −inf for every page no row's bound lifts above that row's τ estimate minus ``slack`` (a
+    NaN bound passes; sink and recent pages are still taken by their unmasked score); then the radix
+    select's first round over the slice."""
+    pdl_enter(PDL)
+    bh64 = tl.program_id(0).to(tl.int64)
+    p_start = tl.program_id(1) * pages_per_split
+    p_end = tl.minimum(p_start + pages_per_split, n_pages)
+    r = tl.arange(0, RP)
+    rmask = r < R
+    thr = tl.where(rmask, tl.load(tau_ptr + bh64 * RP + r, mask=rmask, other=0.0), POS_INF) - slack
+    for p0 in range(p_start, p_end, BLOCK):
+        pg = p0 + tl.arange(0, BLOCK)
+        pm = pg < p_end
+        uo = (bh64 * R + r)[:, None] * pcap + pg[None, :]
+        u = tl.load(urow_ptr + uo, mask=rmask[:, None] & pm[None, :], other=NEG_INF)
+        passing = tl.max(((u > thr[:, None]) | (u != u)).to(tl.int32), axis=0) > 0
+        score = tl.load(pscore_ptr + bh64 * pcap + pg, mask=pm, other=NEG_INF)
+        tl.store(rank_ptr + bh64 * pcap + pg, tl.where(passing, score, NEG_INF), mask=pm)
+    tl.debug_barrier()
+    hist = _slice_hist(rank_ptr, bh64, pcap, p_start, p_end, 0, 0, HB)
+    _add_hist(hist_ptr, bh64, 0, hist)
 
 
 @triton.jit
@@ -263,6 +384,7 @@ def select_take_kernel(
     sel_ptr,
     nsel_ptr,
     mode_ptr,
+    box_ptr,
     n_pages,
     pcap,
     sel_cap,
@@ -276,12 +398,14 @@ def select_take_kernel(
     PASS: tl.constexpr,
     BLOCK: tl.constexpr,
     NL_P2: tl.constexpr,
+    RANKED: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """After the four rounds, ``prefix`` is the key of the budget-th highest page and ``need`` pages with
     exactly that key are taken, lowest pages first (the ties of earlier slices are in their last-round
     histograms). Pass 0 counts each slice's taken pages (top-``budget`` ∪ sink ∪ recent), pass 1 writes
-    them at the slice's offset (ascending page order)."""
+    them at the slice's offset (ascending page order). ``RANKED`` (``adaptive``): ``pscore`` holds the ranked
+    scores and ``box`` the page scores that tell non-empty sink and recent pages."""
     pdl_enter(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -313,8 +437,11 @@ def select_take_kernel(
         live = (key >= 0) & (need + 0 * pg > 0)  # need == 0: nothing valid to rank
         tie = (key == prefix) & live
         ti = tie.to(tl.int32)
+        nonempty = key >= 0
+        if RANKED:
+            nonempty = tl.load(box_ptr + bh64 * pcap + pg, mask=pg < p_end, other=NEG_INF) > NEG_INF
         forced = (
-            (key >= 0)
+            nonempty
             & ((pg < sink) | ((pg <= last_page) & (pg > last_page - recent)))
             & (length + 0 * pg >= min_ctx)
         )

@@ -1,8 +1,8 @@
 """CUDA implementation of ``entmaxkv::decode_attn``: per-site state and the Triton pipelines.
 
 Each rewritten site (``site`` id) owns :class:`~entmaxkv_compile.kernels.launch.SiteBuffers` sized at the
-cache capacity: key sketches (``certified``) or page boxes (``topk``), a device watermark per KV group,
-and the last step's statistics. The metadata is updated incrementally on device (see
+cache capacity: key sketches (``certified``) or page boxes (``topk``, ``adaptive``), a device watermark per KV
+group, and the last step's statistics. The metadata is updated incrementally on device (see
 :mod:`entmaxkv_compile.kernels.meta`); it is rebuilt when the cache tensor changes (``data_ptr``, shape,
 strides or dtype — checked on the host, so not during CUDA-graph replay), when a group's sequence gets
 shorter or jumps ahead by more than one step, or its probed key rows changed (checked on device), and
@@ -73,8 +73,6 @@ def unsupported_reason(
     """Why the CUDA kernels cannot run this call, or ``None`` if they can."""
     if not 0.0 < scale < math.inf:  # the kernels' bounds and page scores assume scores grow with q·k
         return f"scale {scale}: the kernels need a positive finite scale"
-    if config.policy == "adaptive":
-        return "policy 'adaptive' has no GPU kernels yet"
     if not (q.is_cuda and k.device == q.device and v.device == q.device):
         return "q, k, v must be on one CUDA device"
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..config import EntmaxKVConfig, validate_alpha
 from .entmax import entmax, entmax_threshold
-from .pages import group_bound, page_counts, page_metadata, page_upper_bound
+from .pages import group_bound, page_bias_max, page_counts, page_metadata, page_upper_bound
 from .sketch import build_sketch, sketch_score_bounds
 
 NEG_INF = -math.inf
@@ -126,11 +126,15 @@ def _page_selection(
     from_end = nonempty.flip(-1).cumsum(-1).flip(-1)  # non-empty pages at or after each page
     forced = nonempty & ((index < config.sink_pages) | (from_end <= config.recent_pages))
     if config.policy == "adaptive":
-        # τ estimate: every token scored as its page-box centre (+ its own bias). Spreading scores raises τ
-        # (Σ[z − τ]_+^β is convex in z), so this tends to under-estimate τ_full and keep more pages.
+        # τ estimate: every valid token scored as its page-box centre plus its page's largest bias (so the
+        # estimate is a function of pages, n_p equal entries each: the kernels solve it on P entries, not S).
+        # Spreading scores raises τ (Σ[z − τ]_+^β is convex in z), so this tends to under-estimate τ_full and
+        # keep more pages.
         centre = ((kmin.float() + kmax.float()) / 2).masked_fill(~nonempty[..., None], 0.0)
         s_centre = attention_scores(q, centre.repeat_interleave(ps, dim=2)[:, :, : s.shape[-1]], scale=scale)
-        s_centre = s_centre + (0.0 if bias is None else bias.float())
+        if bias is not None:
+            bmax = page_bias_max(bias.float().expand(s.shape), ps)  # [B, Hq, Lq, P]
+            s_centre = s_centre + bmax.repeat_interleave(ps, dim=-1)[..., : s.shape[-1]]
         tau_est = _threshold((alpha - 1) * s_centre.masked_fill(s == NEG_INF, NEG_INF), alpha)
         passing = (alpha - 1) * u > (tau_est[..., None] - config.adaptive_slack)
         gb_rank = gb.masked_fill(~_to_groups(passing, hkv), NEG_INF)

@@ -34,6 +34,11 @@ def page_counts(valid: Tensor, page_size: int) -> Tensor:
     return _paged(valid.long(), page_size, 0, -1).sum(-1)
 
 
+def page_bias_max(bias: Tensor, page_size: int) -> Tensor:
+    """Largest bias of each page: ``bias[..., S]`` → ``[..., P]`` (−inf for a page without a valid token)."""
+    return _paged(bias, page_size, -math.inf, -1).amax(-1)
+
+
 def page_metadata(k: Tensor, page_size: int, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-page key boxes ``(kmin, kmax)``, each ``[B, Hkv, P, D]`` in ``k.dtype``.
 
@@ -76,7 +81,7 @@ def page_upper_bound(
     u = (scale * box + slack * (scale * mag)).reshape(b, hq, lq, p)
     masked = empty.repeat_interleave(hq // hkv, dim=1)[:, :, None, :]
     if bias is not None:
-        bmax = _paged(bias.float().expand(b, hq, lq, -1), page_size, -math.inf, -1).amax(-1)
+        bmax = page_bias_max(bias.float().expand(b, hq, lq, -1), page_size)
         masked = masked | (bmax == -math.inf)
         u = u + bmax.masked_fill(masked, 0.0)
     return u.masked_fill(masked, -math.inf)

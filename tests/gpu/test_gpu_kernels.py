@@ -28,7 +28,9 @@ POLICIES = {
     "certified-int8-g32": dict(policy="certified", sketch="int8", sketch_group=32),  # grouped steps
     "certified-int4": dict(policy="certified", sketch="int4", candidate_fraction=0.5),
     "topk": dict(policy="topk", budget_pages=8),
+    "adaptive": dict(policy="adaptive", budget_pages=64),
 }
+APPROX = ("topk", "adaptive")  # compared with the reference's own policy, not with dense
 
 
 def _case(b, hq, hkv, lq, s, d, dtype, seed=0):
@@ -80,7 +82,7 @@ def test_matrix_matches_reference(dtype, shape, policy, alpha):
     scale = d**-0.5 * 2
     site = next(SITE)
     out = ops_cuda.decode_site(q, k, v, bias, scale, alpha, site, cfg, 528)
-    if policy == "topk":
+    if policy in APPROX:
         ref, _ = decode_attention(q, k, v, scale=scale, alpha=alpha, bias=bias, config=cfg)
     else:
         ref = dense_decode(q, k, v, scale=scale, alpha=alpha, bias=bias)
@@ -111,7 +113,7 @@ def test_workspace_fallback(inline, monkeypatch):
     assert ops_cuda.site_stats(site)["mode"][0].item() == 2  # the flat head went through the workspace
 
 
-@pytest.mark.parametrize("policy", ["certified-int8", "certified-int4", "topk", "dense"])
+@pytest.mark.parametrize("policy", ["certified-int8", "certified-int4", "topk", "adaptive", "dense"])
 def test_cuda_graph_replay_across_page_boundary(policy):
     b, hq, hkv, s, d = 1, 16, 4, 2048, 128
     q, k_full, v_full, _ = _case(b, hq, hkv, 1, s, d, torch.bfloat16, seed=3)
@@ -126,7 +128,7 @@ def test_cuda_graph_replay_across_page_boundary(policy):
         bias[..., :n] = 0.0
 
     def ref_out():
-        if policy == "topk":
+        if policy in APPROX:
             return decode_attention(q, k, v, scale=scale, alpha=1.5, bias=bias, config=cfg)[0]
         return dense_decode(q, k, v, scale=scale, alpha=1.5, bias=bias)
 
@@ -161,7 +163,7 @@ def test_capture_of_a_sites_first_call_is_refused():
     assert site not in ops_cuda._sites
 
 
-@pytest.mark.parametrize("policy", ["certified-int8", "topk"])
+@pytest.mark.parametrize("policy", ["certified-int8", "topk", "adaptive"])
 def test_reduce_overhead_replay_across_page_boundary(policy):
     """``torch.compile(mode="reduce-overhead")`` (cudagraph trees: warm-up inside the graph pool, then
     capture) over the op, the cache a static address written in place, replayed across a page boundary:
@@ -187,7 +189,7 @@ def test_reduce_overhead_replay_across_page_boundary(policy):
         bias[..., :n] = 0.0
         out = compiled(q).clone()
         wm = ops_cuda.site_stats(site)["watermark"].tolist()
-        if policy == "topk":
+        if policy in APPROX:
             ref = decode_attention(q, k, v, scale=scale, alpha=1.5, bias=bias, config=cfg)[0]
         else:
             ref = dense_decode(q, k, v, scale=scale, alpha=1.5, bias=bias)
@@ -195,6 +197,42 @@ def test_reduce_overhead_replay_across_page_boundary(policy):
         assert wm == [n] * hkv, n
     eager = torch.ops.entmaxkv.decode_attn(q, k, v, bias, scale, 1.5, site, cfg_json)
     assert _err(eager, out) < TOL[torch.bfloat16] / 4
+
+
+@pytest.mark.parametrize("dtype,bias_kind", [("bfloat16", "mask"), ("float16", "alibi"), ("float32", "none")])
+def test_adaptive_selects_the_reference_pages(dtype, bias_kind):
+    """Keys clustered by page (narrow boxes, spread centres): the τ estimate drops pages before the budget
+    does, and the kernels select exactly the reference's pages."""
+    from entmaxkv_compile.kernels.launch import Scratch, SiteBuffers, decode, make_plan
+    from entmaxkv_compile.reference.decode import _page_selection, attention_scores
+
+    dt = getattr(torch, dtype)
+    b, hq, hkv, s, d, ps = 2, 32, 8, 8192, 128, 16
+    q, k, v, bias = _case(b, hq, hkv, 1, s, d, torch.float32, seed=7)
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    centres = torch.randn(b, hkv, s // ps, 1, d, device="cuda", generator=gen)
+    k = (0.1 * k + centres.expand(-1, -1, -1, ps, -1).flatten(2, 3)).to(dt)
+    q, v = q.to(dt), v.to(dt)
+    if bias_kind == "alibi":
+        slopes = 2.0 ** -torch.arange(1, hq + 1, device="cuda")[:, None, None]
+        bias = bias + slopes * (torch.arange(s, device="cuda") - s).float()
+    elif bias_kind == "none":
+        bias = None
+    config = EntmaxKVConfig(policy="adaptive", page_size=ps, budget_pages=256)
+    plan = make_plan(tuple(q.shape), tuple(k.shape), d, config, 528)
+    site, sc = SiteBuffers(plan, q.device, k.dtype), Scratch(plan, q.device)
+    scale = d**-0.5
+    out = decode(plan, sc, site, q, k, v, bias, scale, 1.5, config)
+    ref, _ = decode_attention(q, k, v, scale=scale, alpha=1.5, bias=bias, config=config)
+    assert _err(out, ref) < TOL[dt]
+    scores = attention_scores(q, k, scale=scale, bias=bias)
+    valid = (scores > NEG).reshape(b, -1, s).any(1)
+    want = _page_selection(q, k, scores, valid, scale, 1.5, bias, config)[0].reshape(plan.bh, -1)
+    assert (want.sum(-1) < config.budget_pages).all()  # the estimate, not the budget, bounds the selection
+    nsel = sc.nsel.tolist()
+    for grp in range(plan.bh):
+        got = sc.sel[grp * plan.sel_cap :][: nsel[grp]].tolist()
+        assert got == want[grp].nonzero()[:, 0].tolist(), grp
 
 
 def test_cache_past_int32_elements():
