@@ -526,10 +526,15 @@ def test_topk_matches_reference(page_size, alpha, lengths, dtype):
         ((1, 2, 2, 2, 256, 64), 2.0, torch.float16, "mask", 0.1),  # Lq = 2, causal rows
     ],
 )
-def test_adaptive_selects_the_reference_pages(shape, alpha, dtype, bias_kind, slack):
+@pytest.mark.parametrize("tau_block", [4096, 16])
+def test_adaptive_selects_the_reference_pages(shape, alpha, dtype, bias_kind, slack, tau_block, monkeypatch):
     """``adaptive``: the τ estimate from page-box centres drops pages before the budget does; the kernels
-    select exactly the reference's pages (per-row counts and biases included) and match its output."""
-    from entmaxkv_compile.reference.decode import _page_selection, attention_scores
+    select exactly the reference's pages (per-row counts and biases included) and match its output — with
+    the estimate solved in registers, and (16-entry blocks over 32 pages) through the compacting passes."""
+    from entmaxkv_compile.reference.decode import _page_selection, adaptive_tau_estimate, attention_scores
+    from entmaxkv_compile.reference.pages import page_metadata
+
+    monkeypatch.setattr(launch, "TAU_BLOCK", tau_block)
 
     b, hkv, g, lq, s, d = shape
     q, k, v = _inputs(b, hkv, g, lq, s, d, dtype, seed=11)
@@ -552,6 +557,9 @@ def test_adaptive_selects_the_reference_pages(shape, alpha, dtype, bias_kind, sl
     assert site.mode.tolist() == [0] * plan.bh
     sc_ref = attention_scores(q, k, scale=scale, bias=bias)
     valid = (sc_ref > NEG).reshape(b, -1, s).any(1)
+    tau = adaptive_tau_estimate(q, *page_metadata(k, 8, valid), sc_ref, scale, alpha, bias, 8)
+    got_tau = sc.tau_low.view(plan.bh, plan.rp)[:, : plan.r]
+    torch.testing.assert_close(got_tau, tau.reshape(plan.bh, plan.r), rtol=1e-5, atol=1e-5)
     want, _, _ = _page_selection(q, k, sc_ref, valid, scale, alpha, bias, config)
     want = want.reshape(plan.bh, -1)
     topk, _, _ = _page_selection(q, k, sc_ref, valid, scale, alpha, bias, config.replace(policy="topk"))

@@ -53,6 +53,7 @@ OUT_BLOCK = 32
 OUT_SOLO = 64  # lists up to this long (a support, usually) are read by one program per row
 SELECT_BLOCK = 1024
 PASS_BLOCK = 256  # pages per tile of page_pass_kernel ([RP, PASS_BLOCK] bounds)
+TAU_BLOCK = 4096  # page_tau_kernel: entries per block; a row compacted to this many finishes in registers
 NO_CAP = 2**31 - 1
 PAGED = ("topk", "adaptive")  # policies that select pages by their boxes
 SKETCH_BITS = {"int8": 8, "int4": 4}
@@ -282,6 +283,7 @@ class Scratch:
             self.zc = torch.empty(rows * p.n_pages, dtype=f32, device=dev)
             self.nc = torch.empty(rows * p.n_pages, dtype=i32, device=dev)
             self.prank = torch.empty(p.bh * p.n_pages, dtype=f32, device=dev)  # scores of passing pages
+            self.zcmax = torch.empty(p.bh * p.nsplit_p * p.rp, dtype=f32, device=dev)  # per slice and row
 
 
 class SiteBuffers:
@@ -489,7 +491,7 @@ def decode(
         nlast = p.nsplit
     else:
         adapt = p.policy == "adaptive"
-        rowp = (sc.urow, sc.zc, sc.nc) if adapt else (sc.pscore,) * 3
+        rowp = (sc.urow, sc.zc, sc.nc, sc.zcmax) if adapt else (sc.pscore,) * 4
         page_score_kernel[(p.bh, p.nsplit_p)](
             q, site.kmin, site.kmax, st.bias, sc.pscore, sc.last, sc.sel_hist, *rowp, q.stride(0),
             q.stride(1), q.stride(2), *st.bst, p.hkv, p.s, p.n_pages, p.n_pages, p.pages_per_split, st.zmul,
@@ -498,8 +500,8 @@ def decode(
         )  # fmt: skip
         if adapt:
             page_tau_kernel[(p.bh, p.r)](
-                sc.zc, sc.nc, sc.tau_low, p.n_pages, p.n_pages, st.beta, R=p.r, RP=p.rp, MODE=st.mode,
-                BLOCK=SOLVE_BLOCK, MAXIT=MAXIT, num_warps=8, **st.pdl,
+                sc.zc, sc.nc, sc.zcmax, sc.tau_low, p.n_pages, p.n_pages, p.nsplit_p, st.beta, R=p.r, RP=p.rp,
+                MODE=st.mode, BLOCK=TAU_BLOCK, NL_P2=_p2(p.nsplit_p), MAXIT=MAXIT, num_warps=8, **st.pdl,
             )  # fmt: skip
             page_pass_kernel[(p.bh, p.nsplit_p)](
                 sc.pscore, sc.prank, sc.urow, sc.tau_low, sc.sel_hist, p.n_pages, p.n_pages,

@@ -103,6 +103,7 @@ def page_score_kernel(
     urow_ptr,
     zc_ptr,
     nc_ptr,
+    zcmax_ptr,
     sqb,
     sqh,
     sql,
@@ -150,6 +151,7 @@ def page_score_kernel(
     p_end = tl.minimum(p_start + pages_per_split, n_pages)
     t_end = tl.minimum(p_end * PS, S)
     last = tl.full([], 0, tl.int32)
+    zcmax = tl.full([RP], NEG_INF, tl.float32)
     # the bias is loaded a tile ahead by hand (too narrow a load for async copies: no tile waits on it)
     nxt = p_start * PS + j
     bias_nxt = _bias_raw(bias_base, hq, qp, rmask, nxt, nxt < t_end, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
@@ -184,7 +186,9 @@ def page_score_kernel(
             ro = (bh64 * R + r)[:, None] * pcap + pg[None, :]
             rm = rmask[:, None] & pm[None, :]
             tl.store(urow_ptr + ro, u, mask=rm)
-            tl.store(zc_ptr + ro, tl.where(live, ctr * (0.5 * zmul) + bmax * bmul, NEG_INF), mask=rm)
+            zc = tl.where(live, ctr * (0.5 * zmul) + bmax * bmul, NEG_INF)
+            tl.store(zc_ptr + ro, zc, mask=rm)
+            zcmax = tl.maximum(zcmax, tl.max(zc, axis=1))
             tl.store(nc_ptr + ro, _page_counts(bias, RP, BP, PS, HAS_BIAS, BIAS_ROWS), mask=rm)
     if not ADAPT:  # adaptive: page_pass_kernel makes the first round, once the τ estimate has dropped pages
         # the radix select's first round over the slice just scored (its scores are in L2; a histogram per
@@ -193,47 +197,76 @@ def page_score_kernel(
         hist = _slice_hist(pscore_ptr, bh64, pcap, p_start, p_end, 0, 0, HB)
         _add_hist(hist_ptr, bh64, 0, hist)
     tl.store(last_ptr + bh64 * tl.num_programs(1) + sp, last)
+    if ADAPT:
+        tl.store(zcmax_ptr + (bh64 * tl.num_programs(1) + sp) * RP + r, zcmax)
+
+
+@triton.jit
+def _weighted_sums(z, w, tau, beta, MODE: tl.constexpr):
+    """``Σ w·[z − τ]_+^β`` and minus its derivative in τ."""
+    x = tl.maximum(z - tau, 0.0)
+    return tl.sum(w * pow_beta(x, beta, MODE)), tl.sum(w * dpow_beta(x, beta, MODE))
 
 
 @triton.jit
 def page_tau_kernel(
     zc_ptr,
     nc_ptr,
+    zcmax_ptr,
     tau_ptr,
     pcap,
     n_pages,
+    nsplit,
     beta,
     R: tl.constexpr,
     RP: tl.constexpr,
     MODE: tl.constexpr,
     BLOCK: tl.constexpr,
+    NL_P2: tl.constexpr,
     MAXIT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """``adaptive``'s τ estimate of one row (grid ``[B·Hkv, R]``): ``Σ_p n_p·[z_p − τ]_+^β = 1`` over the
     pages' entries, by Newton from ``max z − 1`` (the sum is convex and decreasing: the iterates rise to the
-    root); −inf for a row without a valid page."""
+    root); −inf for a row without a valid page. Entries at or below an iterate never count again, so each
+    pass over the row also compacts it (in place) to the entries above the iterate; once they fit in one
+    block, Newton finishes in registers."""
     pdl_enter(PDL)
     bh64 = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1)
     base = (bh64 * R + r) * pcap
-    o = tl.arange(0, BLOCK)
-    zmax = tl.max(tl.full([BLOCK], NEG_INF, tl.float32))
-    for p0 in range(0, n_pages, BLOCK):
-        zmax = tl.maximum(zmax, tl.max(tl.load(zc_ptr + base + p0 + o, mask=p0 + o < n_pages, other=NEG_INF)))
+    sl = tl.arange(0, NL_P2)
+    zmax = tl.max(tl.load(zcmax_ptr + (bh64 * nsplit + sl) * RP + r, mask=sl < nsplit, other=NEG_INF))
     tau = zmax - 1.0
     go = zmax > NEG_INF
     it = tl.full([], 0, tl.int32)
+    n = tl.full([], 0, tl.int32) + n_pages
+    o = tl.arange(0, BLOCK)
+    while (it < MAXIT) & go & (n > BLOCK):
+        f = tl.zeros([], tl.float32)
+        g = tl.zeros([], tl.float32)
+        cnt = tl.full([], 0, tl.int32)
+        for p0 in range(0, n, BLOCK):
+            z = tl.load(zc_ptr + base + p0 + o, mask=p0 + o < n, other=NEG_INF)
+            w = tl.load(nc_ptr + base + p0 + o, mask=p0 + o < n, other=0)
+            fb, gb = _weighted_sums(z, w.to(tl.float32), tau, beta, MODE)
+            f += fb
+            g += gb
+            keep = z > tau
+            slot = cnt + tl.cumsum(keep.to(tl.int32), 0) - 1  # ≤ its read position: never overtakes the reads
+            tl.debug_barrier()
+            tl.store(zc_ptr + base + slot, z, mask=keep)
+            tl.store(nc_ptr + base + slot, w, mask=keep)
+            cnt += tl.sum(keep.to(tl.int32))
+        tl.debug_barrier()  # the compacted row was written by every thread
+        n = cnt
+        tau, go = newton_step(tau, f, g)
+        it += 1
+    z = tl.load(zc_ptr + base + o, mask=o < n, other=NEG_INF)
+    w = tl.load(nc_ptr + base + o, mask=o < n, other=0).to(tl.float32)
     while (it < MAXIT) & go:
-        fv = tl.zeros([BLOCK], tl.float32)
-        gv = tl.zeros([BLOCK], tl.float32)
-        for p0 in range(0, n_pages, BLOCK):
-            m = p0 + o < n_pages
-            x = tl.maximum(tl.load(zc_ptr + base + p0 + o, mask=m, other=NEG_INF) - tau, 0.0)
-            n = tl.load(nc_ptr + base + p0 + o, mask=m, other=0).to(tl.float32)
-            fv += n * pow_beta(x, beta, MODE)
-            gv += n * dpow_beta(x, beta, MODE)
-        tau, go = newton_step(tau, tl.sum(fv), tl.sum(gv))
+        f, g = _weighted_sums(z, w, tau, beta, MODE)
+        tau, go = newton_step(tau, f, g)
         it += 1
     tl.store(tau_ptr + bh64 * RP + r, tl.where(zmax > NEG_INF, tau, NEG_INF))
 

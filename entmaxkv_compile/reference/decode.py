@@ -104,6 +104,30 @@ def dense_decode(
     return _attend(s, v, validate_alpha(alpha))[0].to(q.dtype)
 
 
+def adaptive_tau_estimate(
+    q: Tensor,
+    kmin: Tensor,
+    kmax: Tensor,
+    s: Tensor,
+    scale: float,
+    alpha: float,
+    bias: Tensor | None,
+    page_size: int,
+) -> Tensor:
+    """``adaptive``'s τ estimate ``[B, Hq, Lq]`` (−inf for a row without a valid token): τ of every valid
+    token (``s > −inf``) scored as its page-box centre plus its page's largest bias — a function of pages,
+    with ``n_p`` equal entries each, so the kernels solve it on ``P`` entries, not ``S``. Spreading scores
+    raises τ (``Σ[z − τ]_+^β`` is convex in ``z``), so this tends to under-estimate ``τ_full`` and keep more
+    pages."""
+    n = s.shape[-1]
+    centre = ((kmin.float() + kmax.float()) / 2).masked_fill((kmin > kmax).any(-1, keepdim=True), 0.0)
+    s_centre = attention_scores(q, centre.repeat_interleave(page_size, dim=2)[:, :, :n], scale=scale)
+    if bias is not None:
+        bmax = page_bias_max(bias.float().expand(s.shape), page_size)  # [B, Hq, Lq, P]
+        s_centre = s_centre + bmax.repeat_interleave(page_size, dim=-1)[..., :n]
+    return _threshold((alpha - 1) * s_centre.masked_fill(s == NEG_INF, NEG_INF), alpha)
+
+
 def _page_selection(
     q: Tensor,
     k: Tensor,
@@ -126,16 +150,7 @@ def _page_selection(
     from_end = nonempty.flip(-1).cumsum(-1).flip(-1)  # non-empty pages at or after each page
     forced = nonempty & ((index < config.sink_pages) | (from_end <= config.recent_pages))
     if config.policy == "adaptive":
-        # τ estimate: every valid token scored as its page-box centre plus its page's largest bias (so the
-        # estimate is a function of pages, n_p equal entries each: the kernels solve it on P entries, not S).
-        # Spreading scores raises τ (Σ[z − τ]_+^β is convex in z), so this tends to under-estimate τ_full and
-        # keep more pages.
-        centre = ((kmin.float() + kmax.float()) / 2).masked_fill(~nonempty[..., None], 0.0)
-        s_centre = attention_scores(q, centre.repeat_interleave(ps, dim=2)[:, :, : s.shape[-1]], scale=scale)
-        if bias is not None:
-            bmax = page_bias_max(bias.float().expand(s.shape), ps)  # [B, Hq, Lq, P]
-            s_centre = s_centre + bmax.repeat_interleave(ps, dim=-1)[..., : s.shape[-1]]
-        tau_est = _threshold((alpha - 1) * s_centre.masked_fill(s == NEG_INF, NEG_INF), alpha)
+        tau_est = adaptive_tau_estimate(q, kmin, kmax, s, scale, alpha, bias, ps)
         passing = (alpha - 1) * u > (tau_est[..., None] - config.adaptive_slack)
         gb_rank = gb.masked_fill(~_to_groups(passing, hkv), NEG_INF)
     else:
