@@ -127,6 +127,19 @@ def bracket_start(hist, zmax, beta, MODE: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
+def compact_block(a_ptr, b_ptr, cnt, a, b, keep):
+    """Writes a loaded block of pairs ``(a, b)`` where ``keep`` to a list of pairs at ``cnt`` (order kept)
+    and returns the new count. In place — the block read from the same list — no slot lies past its entry's
+    own position, so after the barrier no write overtakes another thread's read."""
+    ki = keep.to(tl.int32)
+    slot = cnt + tl.cumsum(ki, 0) - 1
+    tl.debug_barrier()
+    tl.store(a_ptr + slot, a, mask=keep)
+    tl.store(b_ptr + slot, b, mask=keep)
+    return cnt + tl.sum(ki)
+
+
+@triton.jit
 def _add2(a, b, c, d):
     return a + c, b + d
 

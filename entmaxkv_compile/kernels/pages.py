@@ -25,6 +25,7 @@ import triton.language as tl
 
 from .common import (
     NEG_INF,
+    compact_block,
     cvt,
     dpow_beta,
     group_rows,
@@ -252,12 +253,7 @@ def page_tau_kernel(
             fb, gb = _weighted_sums(z, w.to(tl.float32), tau, beta, MODE)
             f += fb
             g += gb
-            keep = z > tau
-            slot = cnt + tl.cumsum(keep.to(tl.int32), 0) - 1  # ≤ its read position: never overtakes the reads
-            tl.debug_barrier()
-            tl.store(zc_ptr + base + slot, z, mask=keep)
-            tl.store(nc_ptr + base + slot, w, mask=keep)
-            cnt += tl.sum(keep.to(tl.int32))
+            cnt = compact_block(zc_ptr + base, nc_ptr + base, cnt, z, w, z > tau)
         tl.debug_barrier()  # the compacted row was written by every thread
         n = cnt
         tau, go = newton_step(tau, f, g)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, bracket_start, newton_tile, pdl_enter, solve_tau
+from .common import NEG_INF, bracket_start, compact_block, newton_tile, pdl_enter, solve_tau
 
 NB: tl.constexpr = tl.constexpr(64)
 
@@ -34,13 +34,7 @@ def _compact_above(idx_ptr, z_ptr, n, tau0, BLOCK: tl.constexpr):
         o = s0 + tl.arange(0, BLOCK)
         z = tl.load(z_ptr + o, mask=o < n, other=NEG_INF)
         idx = tl.load(idx_ptr + o, mask=o < n, other=0)  # both read before any store of this block
-        keep = z > tau0
-        ki = keep.to(tl.int32)
-        slot = cnt + tl.cumsum(ki, 0) - 1  # ≤ o: compacting in place never overtakes the reads
-        tl.debug_barrier()
-        tl.store(idx_ptr + slot, idx, mask=keep)
-        tl.store(z_ptr + slot, z, mask=keep)
-        cnt += tl.sum(ki)
+        cnt = compact_block(idx_ptr, z_ptr, cnt, idx, z, z > tau0)
     return cnt
 
 
