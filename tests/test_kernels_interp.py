@@ -27,6 +27,7 @@ from entmaxkv_compile.kernels.launch import (  # noqa: E402
     _update,
     decode,
     make_plan,
+    selected_pages,
 )
 from entmaxkv_compile.ops import cuda as ops_cuda  # noqa: E402
 from entmaxkv_compile.reference.decode import decode_attention, dense_decode  # noqa: E402
@@ -387,7 +388,7 @@ def test_topk_segments_hold_what_can_be_in_the_support():
     z = 0.5 * scale * torch.einsum("hd,hsd->hs", q[0, :, 0], k[0].repeat_interleave(g, 0))
     kept_total = 0
     for grp in range(plan.bh):
-        pages = sc.sel[grp * plan.sel_cap :][: int(sc.nsel[grp])].long()
+        pages = selected_pages(plan, sc, grp)
         pos = (pages[:, None] * 8 + torch.arange(8)).flatten()
         rows = z[grp * g : (grp + 1) * g][:, pos]
         need = set(pos[(rows > rows.max(1, keepdim=True).values - 1.0).any(0)].tolist())
@@ -565,8 +566,9 @@ def test_adaptive_selects_the_reference_pages(shape, alpha, dtype, bias_kind, sl
     topk, _, _ = _page_selection(q, k, sc_ref, valid, scale, alpha, bias, config.replace(policy="topk"))
     assert (want.sum(-1) < topk.reshape(plan.bh, -1).sum(-1)).any()  # the estimate dropped pages
     for grp in range(plan.bh):
-        got = sc.sel[grp * plan.sel_cap :][: int(sc.nsel[grp])].long()
+        got = selected_pages(plan, sc, grp)
         assert got.tolist() == want[grp].nonzero()[:, 0].tolist()
+        assert int(site.candidates[grp]) == 8 * len(got)  # the statistics' gathered key rows
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

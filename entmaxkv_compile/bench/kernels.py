@@ -314,17 +314,16 @@ def _bench_case(
         )  # fmt: skip
 
     def paged_variant(policy: str, div: int):
-        """``topk`` or ``adaptive`` with a budget of 1/div of the pages (bytes: at the budget's pages)."""
+        """``topk`` or ``adaptive`` with a budget of 1/div of the pages (bytes: at the pages selected)."""
         n_pages = s // 16
         cfg = EntmaxKVConfig(policy=policy, budget_pages=max(1, n_pages // div))
         site, fn = ours(cfg)
         fn()
-        _, sup, modes = group_stats(site)
-        sel = cfg.budget_pages + cfg.sink_pages + cfg.recent_pages
+        rows, sup, modes = group_stats(site)  # rows: key rows of the selected pages
         meta = metadata(cfg)[1]
         record(
-            f"{policy}-1/{div}", fn, meta + b * hkv * sel * 16 * d * esize + sup * d * esize + b * s * 4,
-            pages_frac=sel / n_pages, support=sup, modes=modes, metadata_bytes=meta,
+            f"{policy}-1/{div}", fn, meta + (rows + sup) * d * esize + b * s * 4,
+            pages_frac=rows / (b * hkv * s), support=sup, modes=modes, metadata_bytes=meta,
         )  # fmt: skip
 
     for i, frac in enumerate(fractions):

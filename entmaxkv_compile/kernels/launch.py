@@ -273,8 +273,8 @@ class Scratch:
             self.tseg_cnt = torch.zeros(nt, dtype=i32, device=dev)
             self.tseg_max = torch.empty(nt * p.rp, dtype=f32, device=dev)
             self.pscore = torch.empty(p.bh * p.n_pages, dtype=f32, device=dev)
-            self.sel = torch.empty(p.bh * p.sel_cap, dtype=i32, device=dev)
-            self.nsel = torch.zeros(p.bh, dtype=i32, device=dev)
+            self.sel = torch.empty(p.bh * p.n_pages, dtype=i32, device=dev)  # each slice's taken pages
+            self.sel_list = torch.empty(p.bh * p.sel_cap, dtype=i32, device=dev)  # all of them, in order
             self.sel_hist = torch.zeros(p.bh * 4 * 256, dtype=i32, device=dev)
             self.sel_ties = torch.zeros(p.bh * p.nsplit_p * 256, dtype=i32, device=dev)
             self.sel_cnt = torch.zeros(p.bh * p.nsplit_p, dtype=i32, device=dev)
@@ -286,11 +286,20 @@ class Scratch:
             self.zcmax = torch.empty(p.bh * p.nsplit_p * p.rp, dtype=f32, device=dev)  # per slice and row
 
 
+def selected_pages(plan: Plan, scratch: Scratch, group: int) -> Tensor:
+    """The pages the last ``topk``/``adaptive`` step of ``plan`` selected for KV group ``group`` (ascending):
+    the slices' lists (``select_take_kernel``) in order. Reads the device (a sync: for tests and tools)."""
+    cnt = scratch.sel_cnt[group * plan.nsplit_p :][: plan.nsplit_p].tolist()
+    sel = scratch.sel[group * plan.n_pages :][: plan.n_pages]
+    return torch.cat([sel[i * plan.pages_per_split :][:n] for i, n in enumerate(cnt)]).long()
+
+
 class SiteBuffers:
     """Persistent per-site metadata (sized at the cache capacity) and the last step's statistics.
 
     ``wm[B·Hkv]``: one past the last valid position seen (−1: rebuild on the next call).
-    ``candidates[B·Hkv]``: exact key rows the certified path gathered; ``mode[B·Hkv]``: how each group was
+    ``candidates[B·Hkv]``: exact key rows gathered (certified: candidates; topk/adaptive: the selected pages'
+    positions); ``mode[B·Hkv]``: how each group was
     decoded (0 sparse, 1 dense, 2 dense via the workspace); ``support[B·Hq·Lq]``: support size per row.
     """
 
@@ -515,17 +524,17 @@ def decode(
                 *sel_args, *sizes, p.nsplit_p, config.budget_pages, config.min_context, p.pages_per_split,
                 RND=rnd, BLOCK=SELECT_BLOCK, NL_P2=_p2(p.nsplit_p), **st.pdl,
             )  # fmt: skip
-        for pas in range(2):
-            select_take_kernel[(p.bh, p.nsplit_p)](
-                *sel_args, sc.sel_cnt, sc.sel, sc.nsel, sc.mode, sc.pscore, *sizes, p.sel_cap, p.nsplit_p,
-                config.budget_pages, config.sink_pages, config.recent_pages, config.min_context,
-                p.pages_per_split, PS=p.ps, PASS=pas, BLOCK=SELECT_BLOCK, NL_P2=_p2(p.nsplit_p), RANKED=adapt,
-                **st.pdl,
-            )  # fmt: skip
+        select_take_kernel[(p.bh, p.nsplit_p)](
+            *sel_args, sc.sel_cnt, sc.sel, sc.mode, sc.pscore, *sizes, p.nsplit_p, config.budget_pages,
+            config.sink_pages, config.recent_pages, config.min_context, p.pages_per_split, PS=p.ps,
+            BLOCK=SELECT_BLOCK, NL_P2=_p2(p.nsplit_p), RANKED=adapt, **st.pdl,
+        )  # fmt: skip
         page_gather_kernel[(p.bh, p.nsplit_t)](
-            q, k, st.bias, sc.sel, sc.nsel, sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, sc.gmax,
-            *st.qkb(), p.hkv, p.s, p.sel_cap, p.segcap_t, st.zmul, st.bmul, D=p.d, PS=p.ps,
-            BPG=max(1, 64 // p.ps), F32=st.f32, **st.common(), **st.bias_flags(), **st.pdl,
+            q, k, st.bias, sc.sel, sc.sel_cnt, sc.sel_list, site.candidates, sc.tseg_idx, sc.tseg_z,
+            sc.tseg_cnt, sc.tseg_max, sc.gmax, *st.qkb(), p.hkv, p.s, p.n_pages, p.nsplit_p,
+            p.pages_per_split, p.sel_cap, p.segcap_t, st.zmul, st.bmul, D=p.d, PS=p.ps,
+            BPG=max(1, 64 // p.ps), NL_P2=_p2(p.nsplit_p), CH=_p2(_cdiv(p.sel_cap, p.nsplit_t)), F32=st.f32,
+            **st.common(), **st.bias_flags(), **st.pdl,
         )  # fmt: skip
         segs = (sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, p.nsplit_t, p.segcap_t)
         _solve(st, sc, 0, 1, sc.tau, segs=segs)

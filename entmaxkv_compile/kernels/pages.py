@@ -3,19 +3,21 @@
 * ``page_score_kernel`` (grid ``[B·Hkv, NSPLIT]``): for every page, the group bound
   ``max_rows (α−1)·(scale·(q⁺·kmax + q⁻·kmin + slack·|q|·max(|kmin|,|kmax|)) + max_page bias)``
   (DESIGN.md §2; the slack makes it hold for fp32-computed scores), −inf for empty or masked pages.
-* ``select_hist_kernel`` × 3, ``select_take_kernel`` × 2 (grid ``[B·Hkv, NSPLIT]``, the page-scoring
-  slices): the ``budget`` highest bounds by an exact radix select on the bounds' order-preserving integer
-  keys (four 8-bit rounds, the first made by ``page_score_kernel`` after its slice; each slice adds its digit
-  histogram to the group's, every program replays the digits; ties to the lowest page), plus the sink
-  pages and the pages holding the last ``recent·page_size`` valid positions; per-slice tie counts (the
-  last round's slice histograms) and take counts give each slice its offset, so the selected pages land in
-  ascending order with their count. No program walks all pages of a group. ``update_kernel`` zeroes the
-  histograms at the start of the step (an interrupted step leaves nothing behind).
-  Groups shorter than ``min_ctx`` select nothing and go to the dense tail (mode 1).
-* ``page_gather_kernel`` (grid ``[B·Hkv, NSPLIT]``): exact ``z`` of every token of a slice of the selected
-  pages; the tokens within 1 of the running maximum go into the program's segment, and what the group's
-  maximum (one ``atomic_max`` at the end) rules out is dropped before the solve and output kernels take it
-  from there (they used to scan every selected token: 16K per row at 1M, 1/64).
+* ``select_hist_kernel`` × 3, ``select_take_kernel`` (grid ``[B·Hkv, NSPLIT]``, the page-scoring slices):
+  the ``budget`` highest bounds by an exact radix select on the bounds' order-preserving integer keys (four
+  8-bit rounds, the first made by ``page_score_kernel`` after its slice; each slice adds its digit histogram
+  to the group's, every program replays the digits; ties to the lowest page), plus the sink pages and the
+  pages holding the last ``recent·page_size`` valid positions; the last round's slice histograms give each
+  slice its count of earlier ties, and each slice writes its taken pages (ascending) and their count. No
+  program walks all pages of a group. ``update_kernel`` zeroes the histograms at the start of the step (an
+  interrupted step leaves nothing behind). Groups shorter than ``min_ctx`` select nothing and go to the
+  dense tail (mode 1).
+* ``page_gather_kernel`` (grid ``[B·Hkv, NSPLIT]``): exact ``z`` of every token of an equal share of the
+  selected pages (the slices' lists in order: each program maps its share through the slices' counts); the
+  tokens within 1 of the running maximum go into the program's segment, and what the group's maximum (one
+  ``atomic_max`` at the end) rules out is dropped before the solve and output kernels take it from there
+  (they used to scan every selected token: 16K per row at 1M, 1/64). It also stores the statistics' count
+  of gathered key rows.
 """
 
 from __future__ import annotations
@@ -411,12 +413,10 @@ def select_take_kernel(
     ties_ptr,
     cnt_ptr,
     sel_ptr,
-    nsel_ptr,
     mode_ptr,
     box_ptr,
     n_pages,
     pcap,
-    sel_cap,
     nlast,
     budget,
     sink,
@@ -424,7 +424,6 @@ def select_take_kernel(
     min_ctx,
     pages_per_split,
     PS: tl.constexpr,
-    PASS: tl.constexpr,
     BLOCK: tl.constexpr,
     NL_P2: tl.constexpr,
     RANKED: tl.constexpr,
@@ -432,9 +431,11 @@ def select_take_kernel(
 ):
     """After the four rounds, ``prefix`` is the key of the budget-th highest page and ``need`` pages with
     exactly that key are taken, lowest pages first (the ties of earlier slices are in their last-round
-    histograms). Pass 0 counts each slice's taken pages (top-``budget`` ∪ sink ∪ recent), pass 1 writes
-    them at the slice's offset (ascending page order). ``RANKED`` (``adaptive``): ``pscore`` holds the ranked
-    scores and ``box`` the page scores that tell non-empty sink and recent pages."""
+    histograms). Each slice writes its taken pages (top-``budget`` ∪ sink ∪ recent, ascending) from its own
+    first page on, ``sel[BH, pcap]``, and their count; ``page_gather_kernel`` reads the slices' counts and
+    takes the lists in order (a second pass writing one compact list cost a launch). ``RANKED``
+    (``adaptive``): ``pscore`` holds the ranked scores and ``box`` the page scores that tell non-empty sink
+    and recent pages."""
     pdl_enter(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -445,17 +446,10 @@ def select_take_kernel(
     last_page = (length - 1) // PS  # −1 when nothing is valid
     prefix, need = _radix_state(hist_ptr, bh64, budget, short, 4)
     o = tl.arange(0, NL_P2)
-    om = o < nsp
     ties_at = ties_ptr + (bh64 * nsp + o) * 256 + (prefix & 255).to(tl.int32)
-    ties = tl.sum(tl.load(ties_at, mask=om & (o < sp), other=0))  # ties in earlier slices
-    cnt = tl.full([], 0, tl.int32)  # pages taken by earlier slices (pass 1)
-    if PASS == 1:
-        taken = tl.load(cnt_ptr + bh64 * nsp + o, mask=om, other=0)
-        cnt = tl.sum(tl.where(o < sp, taken, 0))
-        if sp == 0:
-            tl.store(nsel_ptr + bh, tl.minimum(tl.sum(taken), sel_cap))
-            if short:
-                tl.store(mode_ptr + bh, 1)  # too short to gain: the dense tail decodes this group
+    ties = tl.sum(tl.load(ties_at, mask=(o < nsp) & (o < sp), other=0))  # ties in earlier slices
+    if (sp == 0) & short:
+        tl.store(mode_ptr + bh, 1)  # too short to gain: the dense tail decodes this group
     own_ties = tl.full([], 0, tl.int32)
     own = tl.full([], 0, tl.int32)
     p_start = sp * pages_per_split
@@ -477,13 +471,10 @@ def select_take_kernel(
         rank = ties + own_ties + tl.cumsum(ti, 0)
         take = forced | (live & (key > prefix)) | (tie & (rank <= need))
         ki = take.to(tl.int32)
-        if PASS == 1:
-            slot = cnt + own + tl.cumsum(ki, 0) - 1
-            tl.store(sel_ptr + bh64 * sel_cap + slot, pg, mask=take & (slot < sel_cap))
+        tl.store(sel_ptr + bh64 * pcap + p_start + own + tl.cumsum(ki, 0) - 1, pg, mask=take)
         own += tl.sum(ki)
         own_ties += tl.sum(ti)
-    if PASS == 0:
-        tl.store(cnt_ptr + bh64 * nsp + sp, own)
+    tl.store(cnt_ptr + bh64 * nsp + sp, own)
 
 
 @triton.jit
@@ -492,7 +483,9 @@ def page_gather_kernel(
     k_ptr,
     bias_ptr,
     sel_ptr,
-    nsel_ptr,
+    cnt_ptr,
+    list_ptr,
+    rows_ptr,
     seg_idx_ptr,
     seg_z_ptr,
     seg_cnt_ptr,
@@ -510,6 +503,9 @@ def page_gather_kernel(
     sbs,
     Hkv,
     S,
+    pcap,
+    nslice,
+    pages_per_split,
     sel_cap,
     segcap,
     zmul,
@@ -521,6 +517,8 @@ def page_gather_kernel(
     D: tl.constexpr,
     PS: tl.constexpr,
     BPG: tl.constexpr,
+    NL_P2: tl.constexpr,
+    CH: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BIAS_ROWS: tl.constexpr,
     F32: tl.constexpr,
@@ -539,10 +537,24 @@ def page_gather_kernel(
     bias_base = bias_ptr + b.to(tl.int64) * sbb
     d = tl.arange(0, D)
     j = tl.arange(0, BPG * PS)
-    nsel = tl.load(nsel_ptr + bh)
+    # the slices' lists, in order, are the selection: this program takes its share of them
+    sl = tl.arange(0, NL_P2)
+    taken = tl.load(cnt_ptr + bh64 * nslice + sl, mask=sl < nslice, other=0)
+    upto = tl.cumsum(taken, 0)  # entries in slices ≤ sl
+    nsel = tl.minimum(tl.sum(taken), sel_cap)
+    if sp == 0:
+        tl.store(rows_ptr + bh, nsel * PS)  # statistics: key rows of the selected pages
     chunk = tl.cdiv(nsel, nsp)
     i_lo = sp * chunk
     i_hi = tl.minimum(i_lo + chunk, nsel)
+    # the program's share, from the slices' lists into the group's compact list once, then read per tile
+    # (mapping each tile's entries to their slices in the loop doubled its instructions)
+    gi = i_lo + tl.arange(0, CH)
+    sj = tl.sum((upto[None, :] <= gi[:, None]).to(tl.int32), axis=1)  # the slice holding entry gi
+    before = tl.sum(tl.where(sl[None, :] == sj[:, None], upto - taken, 0), axis=1)
+    pgs = tl.load(sel_ptr + bh64 * pcap + sj * pages_per_split + gi - before, mask=gi < i_hi)
+    tl.store(list_ptr + bh64 * sel_cap + gi, pgs, mask=gi < i_hi)
+    tl.debug_barrier()  # the tiles' entries were written by other threads
     seg = bh64 * nsp + sp
     idx_base = seg_idx_ptr + seg * segcap
     z_base = seg_z_ptr + seg * 2 * R * segcap
@@ -550,7 +562,7 @@ def page_gather_kernel(
     cnt = tl.full([], 0, tl.int32)
     for i0 in range(i_lo, i_hi, BPG):
         im = i0 + j // PS < i_hi
-        pg = tl.load(sel_ptr + bh64 * sel_cap + i0 + j // PS, mask=im, other=0)
+        pg = tl.load(list_ptr + bh64 * sel_cap + i0 + j // PS, mask=im, other=0)
         pos = pg * PS + j % PS
         pm = im & (pos < S)
         bias = load_bias(bias_base, hq, qp, rmask, pos, pm, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)

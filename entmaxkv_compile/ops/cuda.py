@@ -203,9 +203,10 @@ def reset_all() -> None:
 
 def site_stats(site: int, device: torch.device | str | None = None) -> dict[str, Tensor]:
     """Last step's device statistics of ``site`` (live views, no sync): ``mode`` per KV group (0 sparse /
-    certified, 1 dense, 2 dense via the workspace), ``candidates`` per KV group (exact key rows gathered by
-    ``certified``), ``support`` per query row, ``watermark`` per KV group. ``device`` is needed only when
-    the site has run on several devices."""
+    certified, 1 dense, 2 dense via the workspace), ``candidates`` per KV group (exact key rows gathered:
+    ``certified``'s candidates, the positions of the pages ``topk``/``adaptive`` selected), ``support`` per
+    query row, ``watermark`` per KV group. ``device`` is needed only when the site has run on several
+    devices."""
     found = [d for s, d in _sites if s == site and (device is None or d == torch.device(device))]
     if len(found) != 1:
         raise KeyError(f"site {site} has state on {len(found)} matching devices; pass device=")

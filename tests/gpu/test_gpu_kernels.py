@@ -203,7 +203,7 @@ def test_reduce_overhead_replay_across_page_boundary(policy):
 def test_adaptive_selects_the_reference_pages(dtype, bias_kind):
     """Keys clustered by page (narrow boxes, spread centres): the τ estimate drops pages before the budget
     does, and the kernels select exactly the reference's pages."""
-    from entmaxkv_compile.kernels.launch import Scratch, SiteBuffers, decode, make_plan
+    from entmaxkv_compile.kernels.launch import Scratch, SiteBuffers, decode, make_plan, selected_pages
     from entmaxkv_compile.reference.decode import _page_selection, attention_scores
 
     dt = getattr(torch, dtype)
@@ -229,9 +229,8 @@ def test_adaptive_selects_the_reference_pages(dtype, bias_kind):
     valid = (scores > NEG).reshape(b, -1, s).any(1)
     want = _page_selection(q, k, scores, valid, scale, 1.5, bias, config)[0].reshape(plan.bh, -1)
     assert (want.sum(-1) < config.budget_pages).any()  # the estimate, not the budget, bounds a selection
-    nsel = sc.nsel.tolist()
     for grp in range(plan.bh):
-        got = sc.sel[grp * plan.sel_cap :][: nsel[grp]].tolist()
+        got = selected_pages(plan, sc, grp).tolist()
         assert got == want[grp].nonzero()[:, 0].tolist(), grp
 
 
