@@ -134,6 +134,7 @@ class Plan:
     nsplit_t: int
     segcap_t: int
     rot: bool  # the sketch is of R·k (EntmaxKVConfig.rotate_sketch)
+    nsplit_tau: int  # adaptive: programs per row of page_tau_kernel's first pass
 
     @property
     def paged(self) -> bool:
@@ -230,9 +231,12 @@ def make_plan(
     sel_cap = config.budget_pages + config.sink_pages + config.recent_pages
     nsplit_t = max(1, min(_cdiv(n_programs, bh), sel_cap))
     segcap_t = _cdiv(sel_cap, nsplit_t) * ps if policy in PAGED else 0
+    nsplit_tau = max(1, min(_cdiv(n_pages, TAU_BLOCK), n_programs // (bh * r)))
+    nsplit_tau = _cdiv(n_pages, _cdiv(n_pages, nsplit_tau))  # no empty part
     return Plan(
         b, hkv, hq // hkv, lq, s, d, dv, policy, bn, nsplit, split_len, segcap, capc, nso, sk, gs, ps,
         n_pages, bp, pages_per_split, nsplit_p, sel_cap, nsplit_t, segcap_t, sk != 0 and config.rotate_sketch,
+        nsplit_tau,
     )  # fmt: skip
 
 
@@ -284,6 +288,9 @@ class Scratch:
             self.nc = torch.empty(rows * p.n_pages, dtype=i32, device=dev)
             self.prank = torch.empty(p.bh * p.n_pages, dtype=f32, device=dev)  # scores of passing pages
             self.zcmax = torch.empty(p.bh * p.nsplit_p * p.rp, dtype=f32, device=dev)  # per slice and row
+            self.tau_part = torch.empty(rows * p.nsplit_tau * 2, dtype=f32, device=dev)  # page_tau's parts
+            self.tau_pcnt = torch.empty(rows * p.nsplit_tau, dtype=i32, device=dev)
+            self.tau_ticket = torch.zeros(rows, dtype=i32, device=dev)  # reset by the last program
 
 
 def selected_pages(plan: Plan, scratch: Scratch, group: int) -> Tensor:
@@ -508,9 +515,11 @@ def decode(
             ADAPT=adapt, num_stages=PAGE_STAGES, **st.common(), **st.bias_flags(), **st.pdl,
         )  # fmt: skip
         if adapt:
-            page_tau_kernel[(p.bh, p.r)](
-                sc.zc, sc.nc, sc.zcmax, sc.tau_low, p.n_pages, p.n_pages, p.nsplit_p, st.beta, R=p.r, RP=p.rp,
-                MODE=st.mode, BLOCK=TAU_BLOCK, NL_P2=_p2(p.nsplit_p), MAXIT=MAXIT, num_warps=8, **st.pdl,
+            page_tau_kernel[(p.bh, p.r, p.nsplit_tau)](
+                sc.zc, sc.nc, sc.zcmax, sc.tau_low, sc.tau_part, sc.tau_pcnt, sc.tau_ticket, p.n_pages,
+                p.n_pages, p.nsplit_p, _cdiv(p.n_pages, p.nsplit_tau), st.beta, R=p.r, RP=p.rp, MODE=st.mode,
+                BLOCK=TAU_BLOCK, NL_P2=_p2(p.nsplit_p), NT_P2=_p2(p.nsplit_tau), MAXIT=MAXIT, num_warps=8,
+                **st.pdl,
             )  # fmt: skip
             page_pass_kernel[(p.bh, p.nsplit_p)](
                 sc.pscore, sc.prank, sc.urow, sc.tau_low, sc.sel_hist, p.n_pages, p.n_pages,

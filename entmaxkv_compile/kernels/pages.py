@@ -154,7 +154,7 @@ def page_score_kernel(
     p_end = tl.minimum(p_start + pages_per_split, n_pages)
     t_end = tl.minimum(p_end * PS, S)
     last = tl.full([], 0, tl.int32)
-    zcmax = tl.full([RP], NEG_INF, tl.float32)
+    zcrun = tl.full([RP, BP], NEG_INF, tl.float32)  # adaptive: running maxima, reduced once per slice
     # the bias is loaded a tile ahead by hand (too narrow a load for async copies: no tile waits on it)
     nxt = p_start * PS + j
     bias_nxt = _bias_raw(bias_base, hq, qp, rmask, nxt, nxt < t_end, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
@@ -191,7 +191,7 @@ def page_score_kernel(
             tl.store(urow_ptr + ro, u, mask=rm)
             zc = tl.where(live, ctr * (0.5 * zmul) + bmax * bmul, NEG_INF)
             tl.store(zc_ptr + ro, zc, mask=rm)
-            zcmax = tl.maximum(zcmax, tl.max(zc, axis=1))
+            zcrun = tl.maximum(zcrun, zc)
             tl.store(nc_ptr + ro, _page_counts(bias, RP, BP, PS, HAS_BIAS, BIAS_ROWS), mask=rm)
     if not ADAPT:  # adaptive: page_pass_kernel makes the first round, once the τ estimate has dropped pages
         # the radix select's first round over the slice just scored (its scores are in L2; a histogram per
@@ -201,7 +201,7 @@ def page_score_kernel(
         _add_hist(hist_ptr, bh64, 0, hist)
     tl.store(last_ptr + bh64 * tl.num_programs(1) + sp, last)
     if ADAPT:
-        tl.store(zcmax_ptr + (bh64 * tl.num_programs(1) + sp) * RP + r, zcmax)
+        tl.store(zcmax_ptr + (bh64 * tl.num_programs(1) + sp) * RP + r, tl.max(zcrun, axis=1))
 
 
 @triton.jit
@@ -212,61 +212,111 @@ def _weighted_sums(z, w, tau, beta, MODE: tl.constexpr):
 
 
 @triton.jit
+def _tau_pass(zc_base, nc_base, src, n, dst, cnt, tau, beta, f, g, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass of ``page_tau_kernel`` over the entries ``[src, src + n)`` of a row: adds their weighted sums
+    at ``tau`` to ``f, g`` and moves the entries above ``tau`` to the list at ``dst`` (``cnt`` so far; in
+    place: ``dst + cnt ≤ src``)."""
+    o = tl.arange(0, BLOCK)
+    for p0 in range(0, n, BLOCK):
+        z = tl.load(zc_base + src + p0 + o, mask=p0 + o < n, other=NEG_INF)
+        w = tl.load(nc_base + src + p0 + o, mask=p0 + o < n, other=0)
+        fb, gb = _weighted_sums(z, w.to(tl.float32), tau, beta, MODE)
+        f += fb
+        g += gb
+        cnt = compact_block(zc_base + dst, nc_base + dst, cnt, z, w, z > tau)
+    return f, g, cnt
+
+
+@triton.jit
 def page_tau_kernel(
     zc_ptr,
     nc_ptr,
     zcmax_ptr,
     tau_ptr,
+    part_ptr,
+    pcnt_ptr,
+    ticket_ptr,
     pcap,
     n_pages,
     nsplit,
+    part_len,
     beta,
     R: tl.constexpr,
     RP: tl.constexpr,
     MODE: tl.constexpr,
     BLOCK: tl.constexpr,
     NL_P2: tl.constexpr,
+    NT_P2: tl.constexpr,
     MAXIT: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """``adaptive``'s τ estimate of one row (grid ``[B·Hkv, R]``): ``Σ_p n_p·[z_p − τ]_+^β = 1`` over the
-    pages' entries, by Newton from ``max z − 1`` (the sum is convex and decreasing: the iterates rise to the
-    root); −inf for a row without a valid page. Entries at or below an iterate never count again, so each
-    pass over the row also compacts it (in place) to the entries above the iterate; once they fit in one
-    block, Newton finishes in registers."""
+    """``adaptive``'s τ estimate of one row (grid ``[B·Hkv, R, NT]``): ``Σ_p n_p·[z_p − τ]_+^β = 1`` over the
+    pages' entries, by Newton from a lower bound of the root (the sum is convex and decreasing: the iterates
+    rise to the root); −inf for a row without a valid page. Entries at or below an iterate never count again,
+    so each pass over the row also compacts it (in place) to the entries above the iterate; once they fit in
+    one block, Newton finishes in registers. The first pass is split over the row's ``NT`` programs (one
+    program walked all 65K entries of a row at 1M: ~50 µs); the last to finish (a ticket counter) sums their
+    parts in a fixed order and goes on alone."""
     pdl_enter(PDL)
     bh64 = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1)
-    base = (bh64 * R + r) * pcap
+    t = tl.program_id(2)
+    nt = tl.num_programs(2)
+    row = bh64 * R + r
+    zc_base = zc_ptr + row * pcap
+    nc_base = nc_ptr + row * pcap
     sl = tl.arange(0, NL_P2)
-    zmax = tl.max(tl.load(zcmax_ptr + (bh64 * nsplit + sl) * RP + r, mask=sl < nsplit, other=NEG_INF))
-    tau = zmax - 1.0
-    go = zmax > NEG_INF
-    it = tl.full([], 0, tl.int32)
-    n = tl.full([], 0, tl.int32) + n_pages
-    o = tl.arange(0, BLOCK)
-    while (it < MAXIT) & go & (n > BLOCK):
-        f = tl.zeros([], tl.float32)
-        g = tl.zeros([], tl.float32)
-        cnt = tl.full([], 0, tl.int32)
-        for p0 in range(0, n, BLOCK):
-            z = tl.load(zc_ptr + base + p0 + o, mask=p0 + o < n, other=NEG_INF)
-            w = tl.load(nc_ptr + base + p0 + o, mask=p0 + o < n, other=0)
-            fb, gb = _weighted_sums(z, w.to(tl.float32), tau, beta, MODE)
-            f += fb
-            g += gb
-            cnt = compact_block(zc_ptr + base, nc_ptr + base, cnt, z, w, z > tau)
-        tl.debug_barrier()  # the compacted row was written by every thread
-        n = cnt
+    smax = tl.load(zcmax_ptr + (bh64 * nsplit + sl) * RP + r, mask=sl < nsplit, other=NEG_INF)
+    zmax = tl.max(smax)
+    # Start from a lower bound of the root tighter than max z − 1: the j largest slice maxima are j
+    # distinct entries of weight ≥ 1, so f(τ) ≥ j·(z_(j) − τ)^β for τ ≤ z_(j), and f(τ*) = 1 gives
+    # τ* ≥ z_(j) − j^(−1/β) (j = 1: max z − 1). On flat scores the first pass then keeps ~1% of the entries.
+    srt = tl.sort(smax, descending=True)
+    root = tl.exp2(-tl.log2((sl + 1).to(tl.float32)) / beta) * 1.0001  # j^(−1/β), rounded up
+    tau = tl.maximum(tl.max(tl.where(srt > NEG_INF, srt - root, NEG_INF)), zmax - 1.0)
+    zero = tl.zeros([], tl.float32)
+    none = tl.full([], 0, tl.int32)
+    lo = t * part_len
+    f, g, cnt = _tau_pass(
+        zc_base, nc_base, lo, tl.minimum(part_len, n_pages - lo), lo, none, tau, beta, zero, zero, MODE, BLOCK
+    )
+    j = tl.arange(0, NT_P2)
+    pj = row * nt + j
+    tl.store(part_ptr + 2 * (row * nt + t) + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, f, g))
+    tl.store(pcnt_ptr + row * nt + t, cnt)
+    tl.debug_barrier()
+    if tl.atomic_add(ticket_ptr + row, 1) == nt - 1:
+        tl.store(ticket_ptr + row, 0)
+        f = tl.sum(tl.load(part_ptr + 2 * pj, mask=j < nt, other=0.0, cache_modifier=".cg"))
+        g = tl.sum(tl.load(part_ptr + 2 * pj + 1, mask=j < nt, other=0.0, cache_modifier=".cg"))
+        parts = tl.load(pcnt_ptr + pj, mask=j < nt, other=0, cache_modifier=".cg")
         tau, go = newton_step(tau, f, g)
-        it += 1
-    z = tl.load(zc_ptr + base + o, mask=o < n, other=NEG_INF)
-    w = tl.load(nc_ptr + base + o, mask=o < n, other=0).to(tl.float32)
-    while (it < MAXIT) & go:
-        f, g = _weighted_sums(z, w, tau, beta, MODE)
-        tau, go = newton_step(tau, f, g)
-        it += 1
-    tl.store(tau_ptr + bh64 * RP + r, tl.where(zmax > NEG_INF, tau, NEG_INF))
+        go = go & (zmax > NEG_INF)
+        n = tl.sum(parts)
+        it = tl.full([], 1, tl.int32)
+        if go:  # the parts' lists, in order, at the next iterate: one list at the row's front
+            f = zero
+            g = zero
+            n = none
+            for pt in range(0, nt):
+                npt = tl.sum(tl.where(j == pt, parts, 0))
+                f, g, n = _tau_pass(zc_base, nc_base, pt * part_len, npt, 0, n, tau, beta, f, g, MODE, BLOCK)
+            tl.debug_barrier()  # the list was written by every thread
+            tau, go = newton_step(tau, f, g)
+            it += 1
+        while (it < MAXIT) & go & (n > BLOCK):
+            f, g, n = _tau_pass(zc_base, nc_base, 0, n, 0, none, tau, beta, zero, zero, MODE, BLOCK)
+            tl.debug_barrier()
+            tau, go = newton_step(tau, f, g)
+            it += 1
+        o = tl.arange(0, BLOCK)
+        z = tl.load(zc_base + o, mask=o < n, other=NEG_INF)
+        w = tl.load(nc_base + o, mask=o < n, other=0).to(tl.float32)
+        while (it < MAXIT) & go:
+            f, g = _weighted_sums(z, w, tau, beta, MODE)
+            tau, go = newton_step(tau, f, g)
+            it += 1
+        tl.store(tau_ptr + bh64 * RP + r, tl.where(zmax > NEG_INF, tau, NEG_INF))
 
 
 @triton.jit
