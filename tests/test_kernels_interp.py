@@ -527,11 +527,12 @@ def test_topk_matches_reference(page_size, alpha, lengths, dtype):
         ((1, 2, 2, 2, 256, 64), 2.0, torch.float16, "mask", 0.1),  # Lq = 2, causal rows
     ],
 )
-@pytest.mark.parametrize("tau_block", [4096, 16])
+@pytest.mark.parametrize("tau_block", [4096, 16, 4])
 def test_adaptive_selects_the_reference_pages(shape, alpha, dtype, bias_kind, slack, tau_block, monkeypatch):
     """``adaptive``: the τ estimate from page-box centres drops pages before the budget does; the kernels
     select exactly the reference's pages (per-row counts and biases included) and match its output — with
-    the estimate solved in registers, and (16-entry blocks over 32 pages) through the compacting passes."""
+    the estimate solved in registers (one block), from a first pass split over two programs per row (16-entry
+    blocks over 32 pages), and through the compacting passes after it (4-entry blocks)."""
     from entmaxkv_compile.reference.decode import _page_selection, adaptive_tau_estimate, attention_scores
     from entmaxkv_compile.reference.pages import page_metadata
 

@@ -254,9 +254,10 @@ def page_tau_kernel(
     pages' entries, by Newton from a lower bound of the root (the sum is convex and decreasing: the iterates
     rise to the root); −inf for a row without a valid page. Entries at or below an iterate never count again,
     so each pass over the row also compacts it (in place) to the entries above the iterate; once they fit in
-    one block, Newton finishes in registers. The first pass is split over the row's ``NT`` programs (one
-    program walked all 65K entries of a row at 1M: ~50 µs); the last to finish (a ticket counter) sums their
-    parts in a fixed order and goes on alone."""
+    one block, Newton finishes in registers. A row of more than one block has its first pass split over its
+    ``NT`` programs (one program walked all 65K entries of a row at 1M: ~50 µs); the last to finish (a
+    ticket counter) sums their parts in a fixed order and goes on alone, loading the parts' kept entries
+    straight into registers when they fit one block."""
     pdl_enter(PDL)
     bh64 = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1)
@@ -276,42 +277,75 @@ def page_tau_kernel(
     tau = tl.maximum(tl.max(tl.where(srt > NEG_INF, srt - root, NEG_INF)), zmax - 1.0)
     zero = tl.zeros([], tl.float32)
     none = tl.full([], 0, tl.int32)
-    lo = t * part_len
-    f, g, cnt = _tau_pass(
-        zc_base, nc_base, lo, tl.minimum(part_len, n_pages - lo), lo, none, tau, beta, zero, zero, MODE, BLOCK
-    )
-    j = tl.arange(0, NT_P2)
-    pj = row * nt + j
-    tl.store(part_ptr + 2 * (row * nt + t) + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, f, g))
-    tl.store(pcnt_ptr + row * nt + t, cnt)
-    tl.debug_barrier()
-    if tl.atomic_add(ticket_ptr + row, 1) == nt - 1:
-        tl.store(ticket_ptr + row, 0)
-        f = tl.sum(tl.load(part_ptr + 2 * pj, mask=j < nt, other=0.0, cache_modifier=".cg"))
-        g = tl.sum(tl.load(part_ptr + 2 * pj + 1, mask=j < nt, other=0.0, cache_modifier=".cg"))
-        parts = tl.load(pcnt_ptr + pj, mask=j < nt, other=0, cache_modifier=".cg")
-        tau, go = newton_step(tau, f, g)
-        go = go & (zmax > NEG_INF)
-        n = tl.sum(parts)
-        it = tl.full([], 1, tl.int32)
-        if go:  # the parts' lists, in order, at the next iterate: one list at the row's front
-            f = zero
-            g = zero
-            n = none
-            for pt in range(0, nt):
-                npt = tl.sum(tl.where(j == pt, parts, 0))
-                f, g, n = _tau_pass(zc_base, nc_base, pt * part_len, npt, 0, n, tau, beta, f, g, MODE, BLOCK)
-            tl.debug_barrier()  # the list was written by every thread
+    o = tl.arange(0, BLOCK)
+    go = zmax > NEG_INF
+    it = none
+    mine = t == 0  # this program finishes the row
+    if n_pages <= BLOCK:  # one block: straight to registers
+        z = tl.load(zc_base + o, mask=o < n_pages, other=NEG_INF)
+        w = tl.load(nc_base + o, mask=o < n_pages, other=0).to(tl.float32)
+    else:
+        z = tl.full([BLOCK], NEG_INF, tl.float32)
+        w = tl.zeros([BLOCK], tl.float32)
+        lo = t * part_len
+        f, g, cnt = _tau_pass(
+            zc_base,
+            nc_base,
+            lo,
+            tl.minimum(part_len, n_pages - lo),
+            lo,
+            none,
+            tau,
+            beta,
+            zero,
+            zero,
+            MODE,
+            BLOCK,
+        )
+        j = tl.arange(0, NT_P2)
+        pj = row * nt + j
+        tl.store(part_ptr + 2 * (row * nt + t) + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, f, g))
+        tl.store(pcnt_ptr + row * nt + t, cnt)
+        tl.debug_barrier()
+        mine = tl.atomic_add(ticket_ptr + row, 1) == nt - 1
+        if mine:
+            tl.store(ticket_ptr + row, 0)
+            f = tl.sum(tl.load(part_ptr + 2 * pj, mask=j < nt, other=0.0, cache_modifier=".cg"))
+            g = tl.sum(tl.load(part_ptr + 2 * pj + 1, mask=j < nt, other=0.0, cache_modifier=".cg"))
+            parts = tl.load(pcnt_ptr + pj, mask=j < nt, other=0, cache_modifier=".cg")
             tau, go = newton_step(tau, f, g)
+            go = go & (zmax > NEG_INF)
             it += 1
-        while (it < MAXIT) & go & (n > BLOCK):
-            f, g, n = _tau_pass(zc_base, nc_base, 0, n, 0, none, tau, beta, zero, zero, MODE, BLOCK)
-            tl.debug_barrier()
-            tau, go = newton_step(tau, f, g)
-            it += 1
-        o = tl.arange(0, BLOCK)
-        z = tl.load(zc_base + o, mask=o < n, other=NEG_INF)
-        w = tl.load(nc_base + o, mask=o < n, other=0).to(tl.float32)
+            n = tl.sum(parts)
+            if n <= BLOCK:  # the parts' lists, in order, straight into registers (independent loads)
+                upto = tl.cumsum(parts, 0)
+                for pt in tl.static_range(NT_P2):
+                    hi = tl.sum(tl.where(j == pt, upto, 0))
+                    lo = hi - tl.sum(tl.where(j == pt, parts, 0))
+                    at = (o >= lo) & (o < hi)
+                    src = pt * part_len + o - lo
+                    z = tl.where(at, tl.load(zc_base + src, mask=at, other=NEG_INF), z)
+                    w = tl.where(at, tl.load(nc_base + src, mask=at, other=0).to(tl.float32), w)
+            else:  # rare (the start bound keeps ~1% of flat scores): one list at the row's front, then passes
+                f = zero
+                g = zero
+                n = none
+                for pt in range(0, nt):
+                    npt = tl.sum(tl.where(j == pt, parts, 0))
+                    f, g, n = _tau_pass(
+                        zc_base, nc_base, pt * part_len, npt, 0, n, tau, beta, f, g, MODE, BLOCK
+                    )
+                tl.debug_barrier()  # the list was written by every thread
+                tau, go = newton_step(tau, f, g)
+                it += 1
+                while (it < MAXIT) & go & (n > BLOCK):
+                    f, g, n = _tau_pass(zc_base, nc_base, 0, n, 0, none, tau, beta, zero, zero, MODE, BLOCK)
+                    tl.debug_barrier()
+                    tau, go = newton_step(tau, f, g)
+                    it += 1
+                z = tl.load(zc_base + o, mask=o < n, other=NEG_INF)
+                w = tl.load(nc_base + o, mask=o < n, other=0).to(tl.float32)
+    if mine:
         while (it < MAXIT) & go:
             f, g = _weighted_sums(z, w, tau, beta, MODE)
             tau, go = newton_step(tau, f, g)
