@@ -53,6 +53,7 @@ OUT_BLOCK = 32
 OUT_SOLO = 64  # lists up to this long (a support, usually) are read by one program per row
 SELECT_BLOCK = 1024
 PASS_BLOCK = 256  # pages per tile of page_pass_kernel ([RP, PASS_BLOCK] bounds)
+GATHER_TILE = 64  # tokens per page_gather_kernel tile (whole pages)
 TAU_BLOCK = 4096  # page_tau_kernel: entries per block; a row compacted to this many finishes in registers
 NO_CAP = 2**31 - 1
 PAGED = ("topk", "adaptive")  # policies that select pages by their boxes
@@ -542,7 +543,7 @@ def decode(
             q, k, st.bias, sc.sel, sc.sel_cnt, sc.sel_list, site.candidates, sc.tseg_idx, sc.tseg_z,
             sc.tseg_cnt, sc.tseg_max, sc.gmax, *st.qkb(), p.hkv, p.s, p.n_pages, p.nsplit_p,
             p.pages_per_split, p.sel_cap, p.segcap_t, st.zmul, st.bmul, D=p.d, PS=p.ps,
-            BPG=max(1, 64 // p.ps), NL_P2=_p2(p.nsplit_p), CH=_p2(_cdiv(p.sel_cap, p.nsplit_t)), F32=st.f32,
+            BPG=max(1, GATHER_TILE // p.ps), NL_P2=_p2(p.nsplit_p), CH=_p2(_cdiv(p.sel_cap, p.nsplit_t)), F32=st.f32,
             **st.common(), **st.bias_flags(), **st.pdl,
         )  # fmt: skip
         segs = (sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, p.nsplit_t, p.segcap_t)
