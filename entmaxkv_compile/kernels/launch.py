@@ -55,6 +55,9 @@ SELECT_BLOCK = 1024
 PASS_BLOCK = 256  # pages per tile of page_pass_kernel ([RP, PASS_BLOCK] bounds)
 GATHER_TILE = 64  # tokens per page_gather_kernel tile (whole pages)
 TAU_BLOCK = 4096  # page_tau_kernel: entries per block; a row compacted to this many finishes in registers
+TAU_SPLIT = 16  # page_tau_kernel: at most this many programs per row share the first pass
+TAU_WARPS = 8
+TAU_LAUNCH: dict = {}
 NO_CAP = 2**31 - 1
 PAGED = ("topk", "adaptive")  # policies that select pages by their boxes
 SKETCH_BITS = {"int8": 8, "int4": 4}
@@ -232,7 +235,7 @@ def make_plan(
     sel_cap = config.budget_pages + config.sink_pages + config.recent_pages
     nsplit_t = max(1, min(_cdiv(n_programs, bh), sel_cap))
     segcap_t = _cdiv(sel_cap, nsplit_t) * ps if policy in PAGED else 0
-    nsplit_tau = max(1, min(_cdiv(n_pages, TAU_BLOCK), n_programs // (bh * r)))
+    nsplit_tau = max(1, min(_cdiv(n_pages, TAU_BLOCK), n_programs // (bh * r), TAU_SPLIT))
     nsplit_tau = _cdiv(n_pages, _cdiv(n_pages, nsplit_tau))  # no empty part
     return Plan(
         b, hkv, hq // hkv, lq, s, d, dv, policy, bn, nsplit, split_len, segcap, capc, nso, sk, gs, ps,
@@ -519,8 +522,8 @@ def decode(
             page_tau_kernel[(p.bh, p.r, p.nsplit_tau)](
                 sc.zc, sc.nc, sc.zcmax, sc.tau_low, sc.tau_part, sc.tau_pcnt, sc.tau_ticket, p.n_pages,
                 p.n_pages, p.nsplit_p, _cdiv(p.n_pages, p.nsplit_tau), st.beta, R=p.r, RP=p.rp, MODE=st.mode,
-                BLOCK=TAU_BLOCK, NL_P2=_p2(p.nsplit_p), NT_P2=_p2(p.nsplit_tau), MAXIT=MAXIT, num_warps=8,
-                **st.pdl,
+                BLOCK=TAU_BLOCK, NL_P2=_p2(p.nsplit_p), NT_P2=_p2(p.nsplit_tau), MAXIT=MAXIT,
+                num_warps=TAU_WARPS, **TAU_LAUNCH, **st.pdl,
             )  # fmt: skip
             page_pass_kernel[(p.bh, p.nsplit_p)](
                 sc.pscore, sc.prank, sc.urow, sc.tau_low, sc.sel_hist, p.n_pages, p.n_pages,
@@ -543,8 +546,8 @@ def decode(
             q, k, st.bias, sc.sel, sc.sel_cnt, sc.sel_list, site.candidates, sc.tseg_idx, sc.tseg_z,
             sc.tseg_cnt, sc.tseg_max, sc.gmax, *st.qkb(), p.hkv, p.s, p.n_pages, p.nsplit_p,
             p.pages_per_split, p.sel_cap, p.segcap_t, st.zmul, st.bmul, D=p.d, PS=p.ps,
-            BPG=max(1, GATHER_TILE // p.ps), NL_P2=_p2(p.nsplit_p), CH=_p2(_cdiv(p.sel_cap, p.nsplit_t)), F32=st.f32,
-            **st.common(), **st.bias_flags(), **st.pdl,
+            BPG=max(1, GATHER_TILE // p.ps), NL_P2=_p2(p.nsplit_p), CH=_p2(_cdiv(p.sel_cap, p.nsplit_t)),
+            F32=st.f32, **st.common(), **st.bias_flags(), **st.pdl,
         )  # fmt: skip
         segs = (sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, p.nsplit_t, p.segcap_t)
         _solve(st, sc, 0, 1, sc.tau, segs=segs)

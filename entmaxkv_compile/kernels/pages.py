@@ -317,15 +317,17 @@ def page_tau_kernel(
             go = go & (zmax > NEG_INF)
             it += 1
             n = tl.sum(parts)
-            if n <= BLOCK:  # the parts' lists, in order, straight into registers (independent loads)
+            if n <= BLOCK:  # the parts' lists, in order, straight into registers: one gathering load
                 upto = tl.cumsum(parts, 0)
+                sj = tl.zeros([BLOCK], tl.int32)  # the part holding entry o, and the entries before it
+                before = tl.zeros([BLOCK], tl.int32)
                 for pt in tl.static_range(NT_P2):
-                    hi = tl.sum(tl.where(j == pt, upto, 0))
-                    lo = hi - tl.sum(tl.where(j == pt, parts, 0))
-                    at = (o >= lo) & (o < hi)
-                    src = pt * part_len + o - lo
-                    z = tl.where(at, tl.load(zc_base + src, mask=at, other=NEG_INF), z)
-                    w = tl.where(at, tl.load(nc_base + src, mask=at, other=0).to(tl.float32), w)
+                    past = o >= tl.sum(tl.where(j == pt, upto, 0))
+                    sj += past.to(tl.int32)
+                    before += tl.where(past, tl.sum(tl.where(j == pt, parts, 0)), 0)
+                src = sj * part_len + o - before
+                z = tl.load(zc_base + src, mask=o < n, other=NEG_INF)
+                w = tl.load(nc_base + src, mask=o < n, other=0).to(tl.float32)
             else:  # rare (the start bound keeps ~1% of flat scores): one list at the row's front, then passes
                 f = zero
                 g = zero
