@@ -55,9 +55,9 @@ SELECT_BLOCK = 1024
 PASS_BLOCK = 256  # pages per tile of page_pass_kernel ([RP, PASS_BLOCK] bounds)
 GATHER_TILE = 64  # tokens per page_gather_kernel tile (whole pages)
 TAU_BLOCK = 4096  # page_tau_kernel: entries per block; a row compacted to this many finishes in registers
-TAU_SPLIT = 16  # page_tau_kernel: at most this many programs per row share the first pass
-TAU_WARPS = 8
-TAU_LAUNCH: dict = {}
+# page_tau_kernel: at most this many programs per row share the first pass (each holds ~217 registers, one
+# program per SM: at 1M 16 took four waves, 42 µs; 4 took 24, one program per row 54)
+TAU_SPLIT = 4
 NO_CAP = 2**31 - 1
 PAGED = ("topk", "adaptive")  # policies that select pages by their boxes
 SKETCH_BITS = {"int8": 8, "int4": 4}
@@ -523,7 +523,7 @@ def decode(
                 sc.zc, sc.nc, sc.zcmax, sc.tau_low, sc.tau_part, sc.tau_pcnt, sc.tau_ticket, p.n_pages,
                 p.n_pages, p.nsplit_p, _cdiv(p.n_pages, p.nsplit_tau), st.beta, R=p.r, RP=p.rp, MODE=st.mode,
                 BLOCK=TAU_BLOCK, NL_P2=_p2(p.nsplit_p), NT_P2=_p2(p.nsplit_tau), MAXIT=MAXIT,
-                num_warps=TAU_WARPS, **TAU_LAUNCH, **st.pdl,
+                num_warps=8, **st.pdl,
             )  # fmt: skip
             page_pass_kernel[(p.bh, p.nsplit_p)](
                 sc.pscore, sc.prank, sc.urow, sc.tau_low, sc.sel_hist, p.n_pages, p.n_pages,
