@@ -24,7 +24,7 @@ ENTMAXKV_FUZZ_EXAMPLES=60 timeout 90 "$PY" -m pytest -q -p no:cacheprovider test
 fuzz=$!
 
 wait "$recompiles"; rc=$?
-echo "recompiles (2,048 steps x certified/topk/dense): rc=$rc ($(tail -n 1 "$OUT_DIR/recompiles.log"))"
+echo "recompiles (2,048 steps x certified/topk/adaptive/dense): rc=$rc ($(tail -n 1 "$OUT_DIR/recompiles.log"))"
 grep -E "call .*test_gpu_compiles" "$OUT_DIR/recompiles.log"
 grep -E "^E .*(grew|RecompileError|not close)" "$OUT_DIR/recompiles.log" | head -n 5
 wait "$gpu_tests"; rc=$?
