@@ -16,7 +16,7 @@ t0=$(date +%s)
 timeout 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider --durations=0 tests/gpu/test_gpu_recompiles.py \
   --junitxml="$OUT_DIR/recompiles.xml" > "$OUT_DIR/recompiles.log" 2>&1 &
 recompiles=$!
-timeout 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_bad_inputs.py tests/test_state.py \
+timeout 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_bad_inputs.py tests/test_state.py \
   --junitxml="$OUT_DIR/gpu_tests.xml" > "$OUT_DIR/gpu_tests.log" 2>&1 &
 gpu_tests=$!
 ENTMAXKV_FUZZ_EXAMPLES=60 timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_fuzz_zoo.py \
