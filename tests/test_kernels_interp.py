@@ -408,11 +408,12 @@ def test_topk_segments_hold_what_can_be_in_the_support():
 
 
 @pytest.mark.parametrize("policy", ["dense", "certified", "topk", "adaptive"])
-def test_scratch_is_clean_for_the_next_call(policy):
+def test_scratch_is_clean_for_the_next_call(policy, monkeypatch):
     """Two calls on one Scratch, the second with much lower scores: the first call's running maxima must be
     gone (else the end-of-program filters drop the second call's support). The first call's short supports
     take the one-program output, the second's flat rows the ticketed one; both leave ``gmax`` at −inf and the
-    tickets at 0."""
+    tickets at 0 (``adaptive``: also the τ estimate's, its first pass split in 4-entry blocks)."""
+    monkeypatch.setattr(launch, "TAU_BLOCK", 4)
     q, k, v = _inputs(1, 2, 2, 1, 128, 64, torch.float32, seed=2)
     cfg = EntmaxKVConfig(
         policy=policy, min_candidates=128, candidate_fraction=1.0, page_size=8, budget_pages=8
@@ -427,6 +428,8 @@ def test_scratch_is_clean_for_the_next_call(policy):
         assert site.support.tolist() == stats.support_size.flatten().tolist()
         assert (site.support <= launch.OUT_SOLO).all() == solo
         assert torch.isneginf(sc.gmax.view(plan.bh, plan.rp)[:, : plan.r]).all() and not sc.ticket.any()
+        if policy == "adaptive":
+            assert plan.nsplit_tau > 1 and not sc.tau_ticket.any()
 
 
 def test_topk_step_interrupted_after_the_page_scoring(monkeypatch):

@@ -546,7 +546,7 @@ def decode(
             q, k, st.bias, sc.sel, sc.sel_cnt, sc.sel_list, site.candidates, sc.tseg_idx, sc.tseg_z,
             sc.tseg_cnt, sc.tseg_max, sc.gmax, *st.qkb(), p.hkv, p.s, p.n_pages, p.nsplit_p,
             p.pages_per_split, p.sel_cap, p.segcap_t, st.zmul, st.bmul, D=p.d, PS=p.ps,
-            BPG=max(1, GATHER_TILE // p.ps), NL_P2=_p2(p.nsplit_p), CH=_p2(_cdiv(p.sel_cap, p.nsplit_t)),
+            BPG=max(1, GATHER_TILE // p.ps), NL_P2=_p2(p.nsplit_p), MAP=max(1, 4096 // _p2(p.nsplit_p)),
             F32=st.f32, **st.common(), **st.bias_flags(), **st.pdl,
         )  # fmt: skip
         segs = (sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, p.nsplit_t, p.segcap_t)

@@ -274,7 +274,8 @@ def page_tau_kernel(
     # τ* ≥ z_(j) − j^(−1/β) (j = 1: max z − 1). On flat scores the first pass then keeps ~1% of the entries.
     srt = tl.sort(smax, descending=True)
     root = tl.exp2(-tl.log2((sl + 1).to(tl.float32)) / beta) * 1.0001  # j^(−1/β), rounded up
-    tau = tl.maximum(tl.max(tl.where(srt > NEG_INF, srt - root, NEG_INF)), zmax - 1.0)
+    lb = srt - root - tl.abs(srt) * 2.4e-7  # and the subtraction's rounding (≤ half an ulp of z) covered
+    tau = tl.maximum(tl.max(tl.where(srt > NEG_INF, lb, NEG_INF)), zmax - 1.0)
     zero = tl.zeros([], tl.float32)
     none = tl.full([], 0, tl.int32)
     o = tl.arange(0, BLOCK)
@@ -604,7 +605,7 @@ def page_gather_kernel(
     PS: tl.constexpr,
     BPG: tl.constexpr,
     NL_P2: tl.constexpr,
-    CH: tl.constexpr,
+    MAP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BIAS_ROWS: tl.constexpr,
     F32: tl.constexpr,
@@ -633,13 +634,15 @@ def page_gather_kernel(
     chunk = tl.cdiv(nsel, nsp)
     i_lo = sp * chunk
     i_hi = tl.minimum(i_lo + chunk, nsel)
-    # the program's share, from the slices' lists into the group's compact list once, then read per tile
-    # (mapping each tile's entries to their slices in the loop doubled its instructions)
-    gi = i_lo + tl.arange(0, CH)
-    sj = tl.sum((upto[None, :] <= gi[:, None]).to(tl.int32), axis=1)  # the slice holding entry gi
-    before = tl.sum(tl.where(sl[None, :] == sj[:, None], upto - taken, 0), axis=1)
-    pgs = tl.load(sel_ptr + bh64 * pcap + sj * pages_per_split + gi - before, mask=gi < i_hi)
-    tl.store(list_ptr + bh64 * sel_cap + gi, pgs, mask=gi < i_hi)
+    # the program's share, from the slices' lists into the group's compact list once (MAP entries a step,
+    # MAP·NL_P2 ≤ 4096: the mapping stays in registers), then read per tile (mapping each tile's entries in
+    # the tile loop doubled its instructions)
+    for g0 in range(i_lo, i_hi, MAP):
+        gi = g0 + tl.arange(0, MAP)
+        sj = tl.sum((upto[None, :] <= gi[:, None]).to(tl.int32), axis=1)  # the slice holding entry gi
+        before = tl.sum(tl.where(sl[None, :] == sj[:, None], upto - taken, 0), axis=1)
+        pgs = tl.load(sel_ptr + bh64 * pcap + sj * pages_per_split + gi - before, mask=gi < i_hi)
+        tl.store(list_ptr + bh64 * sel_cap + gi, pgs, mask=gi < i_hi)
     tl.debug_barrier()  # the tiles' entries were written by other threads
     seg = bh64 * nsp + sp
     idx_base = seg_idx_ptr + seg * segcap
