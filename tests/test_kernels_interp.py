@@ -389,6 +389,7 @@ def test_topk_segments_hold_what_can_be_in_the_support():
     kept_total = 0
     for grp in range(plan.bh):
         pages = selected_pages(plan, sc, grp)
+        assert int(site.candidates[grp]) == 8 * len(pages)  # the statistics' gathered key rows
         pos = (pages[:, None] * 8 + torch.arange(8)).flatten()
         rows = z[grp * g : (grp + 1) * g][:, pos]
         need = set(pos[(rows > rows.max(1, keepdim=True).values - 1.0).any(0)].tolist())
