@@ -531,16 +531,20 @@ def test_topk_matches_reference(page_size, alpha, lengths, dtype):
         ((1, 2, 2, 2, 256, 64), 2.0, torch.float16, "mask", 0.1),  # Lq = 2, causal rows
     ],
 )
-@pytest.mark.parametrize("tau_block", [4096, 16, 4])
-def test_adaptive_selects_the_reference_pages(shape, alpha, dtype, bias_kind, slack, tau_block, monkeypatch):
+@pytest.mark.parametrize("tau_block,tau_split,programs", [(4096, 4, 8), (16, 4, 8), (4, 4, 8), (4, 3, 32)])
+def test_adaptive_selects_the_reference_pages(
+    shape, alpha, dtype, bias_kind, slack, tau_block, tau_split, programs, monkeypatch
+):
     """``adaptive``: the τ estimate from page-box centres drops pages before the budget does; the kernels
     select exactly the reference's pages (per-row counts and biases included) and match its output — with
-    the estimate solved in registers (one block), from a first pass split over two programs per row (16-entry
-    blocks over 32 pages), and through the compacting passes after it (4-entry blocks)."""
+    the estimate solved in registers (one block), after a first pass by one or two programs per row (16-entry
+    blocks over 32 pages), through the compacting passes after it (4-entry blocks), and with the first pass
+    split three ways (parts of 11 entries; four times the gather programs)."""
     from entmaxkv_compile.reference.decode import _page_selection, adaptive_tau_estimate, attention_scores
     from entmaxkv_compile.reference.pages import page_metadata
 
     monkeypatch.setattr(launch, "TAU_BLOCK", tau_block)
+    monkeypatch.setattr(launch, "TAU_SPLIT", tau_split)
 
     b, hkv, g, lq, s, d = shape
     q, k, v = _inputs(b, hkv, g, lq, s, d, dtype, seed=11)
@@ -554,7 +558,8 @@ def test_adaptive_selects_the_reference_pages(shape, alpha, dtype, bias_kind, sl
         bias[..., torch.arange(s) % 3 == 1] = NEG
     cfg = dict(page_size=8, budget_pages=24, sink_pages=1, recent_pages=1, adaptive_slack=slack)
     config = EntmaxKVConfig(policy="adaptive", **cfg)
-    plan = make_plan(tuple(q.shape), tuple(k.shape), d, config, 8, 16)
+    plan = make_plan(tuple(q.shape), tuple(k.shape), d, config, programs, 16)
+    assert programs == 8 or plan.nsplit_tau == 3
     site, sc = SiteBuffers(plan, q.device, k.dtype), Scratch(plan, q.device)
     scale = d**-0.5 * 2
     out = decode(plan, sc, site, q, k, v, bias, scale, alpha, config)
