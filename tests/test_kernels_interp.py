@@ -98,18 +98,22 @@ def test_dense_matches_reference(shape, alpha, dtype, bias_kind):
     assert site.mode.tolist() == [1] * (b * hkv)
 
 
+@pytest.mark.parametrize("policy", ["dense", "certified"])
 @pytest.mark.parametrize("inline", [True, False])
-def test_dense_support_sizes_and_workspace_fallback(inline, monkeypatch):
-    # inline: the scoring pass writes the workspace and the solve uses it at once (caches ≤ WS_INLINE_MAX)
+def test_dense_support_sizes_and_workspace_fallback(policy, inline, monkeypatch):
+    """A group that overflows its dense segments decodes from the workspace. ``inline``: the scoring pass writes
+    it and the solve uses it at once (caches ≤ WS_INLINE_MAX; a sparse pipeline's dense tail at any length),
+    else ``dense`` writes it in a second pass."""
     monkeypatch.setattr(launch, "WS_INLINE_MAX", 1 << 40 if inline else 0)
     q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.float32, peaky=False)
-    q[:, :2] = 0.0  # KV head 0: every score equal, all 256 tokens in the support
-    out, site, _ = _run("dense", q, k, v, None, 1.5, n_programs=2, min_candidates=8, candidate_fraction=0.01)
-    ref, stats = decode_attention(
-        q, k, v, scale=64**-0.5 * 2, alpha=1.5, config=EntmaxKVConfig(policy="dense")
+    q[:, :2] *= 1e-2  # KV head 0: every score within 1 of the maximum, all 256 tokens in the support
+    out, site, cfg = _run(
+        policy, q, k, v, None, 1.5, n_programs=2, sketch="int4", min_candidates=8, candidate_fraction=0.01
     )
+    ref, stats = decode_attention(q, k, v, scale=64**-0.5 * 2, alpha=1.5, config=cfg)
     assert _err(out, ref) < 1e-5
-    assert site.mode.tolist() == [2, 1]  # head 0 overflowed its segments and used the workspace
+    # head 0 overflowed its segments (certified: its candidates first) and used the workspace
+    assert site.mode.tolist() == [2, 1]
     assert site.support.tolist() == stats.support_size.flatten().tolist()
 
 
@@ -676,6 +680,11 @@ def test_incremental_metadata_across_steps(policy):
     for name in ("codes", "scales", "res") if policy == "certified" else ("kmin", "kmax"):
         assert torch.equal(getattr(buf, name), getattr(fresh, name)), name
     assert buf.wm.tolist() == [43, 43]
+    # the step recorded the key rows at PROBES positions spread over [0, wm) for the next step's check
+    pos = buf.probe_pos.view(2, launch.PROBES).long()
+    assert pos.tolist() == [[42 * j // (launch.PROBES - 1) for j in range(launch.PROBES)]] * 2
+    rows = buf.probe_rows.view(2, launch.PROBES, 64)
+    assert torch.equal(rows, torch.stack([k_cache[0, h, pos[h]] for h in range(2)]))
     k_cache.normal_()  # a new, shorter sequence in the same cache: detected on device
     step(20)
     k_cache[:, :, :30].normal_()

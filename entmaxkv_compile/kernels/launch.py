@@ -9,11 +9,11 @@ Pipelines (each launch early-exits for groups in another mode):
 
 * ``dense``: score(exact, keep) → solve → [score(workspace) → solve(workspace)] → output; caches of at most
   ``WS_INLINE_MAX`` positions write the workspace in the first scoring pass and solve an overflowed group
-  from it in the same solve launch, two launches fewer
+  from it in the same solve launch, two launches fewer; so does every sparse pipeline's *dense tail* (the
+  groups that fell back), at any length
 * ``certified``: update(probes, sketch) → score(sketch, keep) → solve(τ_low) → cand → solve → dense tail →
-  output → probe(record)
-* ``topk``: update(probes, boxes) → page scores → select → page gather → solve → dense tail → output →
-  probe(record)
+  output(+ probes recorded)
+* ``topk``: update(probes, boxes) → page scores → select → page gather → solve → dense tail → output(+ probes)
 * ``adaptive``: as ``topk``, with the τ estimate between the page scores and the selection: page scores (+ per
   row bounds and centre entries) → τ estimate → drop the pages below it → select → …
 """
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..config import EntmaxKVConfig
 from ..reference.sketch import rotation_eps
-from .meta import probe_kernel, update_kernel
+from .meta import update_kernel
 from .output import output_kernel
 from .pages import (
     page_gather_kernel,
@@ -380,12 +380,18 @@ def _score_launch(st: Step, sk: int) -> dict:
 
 
 def _score(
-    st: Step, sc: Scratch, want_mode: int, *, sketch: SiteBuffers | None = None, ws: bool = False
+    st: Step,
+    sc: Scratch,
+    want_mode: int,
+    *,
+    sketch: SiteBuffers | None = None,
+    ws: bool = False,
+    ws_too: bool = False,
 ) -> None:
     """Score every token of each group in ``want_mode`` (−1: all groups, set to mode 1).
 
     ``sketch`` given: from its key sketch, with bounds (``last`` feeds the watermark); ``ws``: write the
-    dense workspace instead of keeping segments (exact passes of a ``ws_inline`` plan write it as well)."""
+    dense workspace instead of keeping segments; ``ws_too``: write it as well."""
     p, q = st.p, st.q
     sk = p.sk if sketch is not None else 0
     meta = (sketch.codes, sketch.scales, sketch.res, sc.qrot) if sketch is not None else (q, q, q, q)
@@ -397,7 +403,7 @@ def _score(
         want_mode,
         D=p.d, BLOCK_N=p.block_sk if sk else p.block_n, SRC=sk, GS=p.gs, PACK=bool(sk) and p.packed,
         TRANS=bool(sk) and p.trans, RT=p.rt,
-        KEEP=not ws, WRITE_WS=ws or (not sk and p.ws_inline), REFILTER=bool(sk) or p.s <= REFILTER_EXACT_MAX,
+        KEEP=not ws, WRITE_WS=ws or ws_too, REFILTER=bool(sk) or p.s <= REFILTER_EXACT_MAX,
         ASM=NVIDIA, ROT=bool(sk) and p.rot, F32=st.f32, **st.pdl, **st.common(), **st.bias_flags(),
         **_score_launch(st, sk),
     )  # fmt: skip
@@ -433,30 +439,27 @@ def _solve(
 
 def _dense(st: Step, sc: Scratch, first: bool) -> None:
     """Groups in mode 1 (all groups if ``first``) decode densely from kept segments; those whose segments
-    overflow, from the dense workspace (mode 2)."""
-    _score(st, sc, -1 if first else 1)
-    _solve(st, sc, 1, 2, sc.tau, ws_inline=st.p.ws_inline)
-    if not st.p.ws_inline:
+    overflow, from the dense workspace (mode 2). The scoring pass writes the workspace as it goes (and the
+    solve of an overflowed group reads it at once, two launches fewer) where that is cheap: in a ``ws_inline``
+    plan, and in a sparse pipeline's tail (``first`` false), which scores only the groups that fell back."""
+    inline = st.p.ws_inline or not first
+    _score(st, sc, -1 if first else 1, ws_too=inline)
+    _solve(st, sc, 1, 2, sc.tau, ws_inline=inline)
+    if not inline:
         _score(st, sc, 2, ws=True)
         _solve(st, sc, 2, 2, sc.tau, from_ws=True)
 
 
 def _output(st: Step, sc: Scratch, site: SiteBuffers, nlast: int) -> None:
-    p, v, out = st.p, st.v, st.out
+    """The output; with ``nlast`` (a sparse pipeline) it also advances the watermarks, records the probes."""
+    p, k, v, out = st.p, st.k, st.v, st.out
     output_kernel[(p.bh * p.r, p.nso)](
-        v, out, sc.ws, sc.list_idx, sc.list_z, sc.list_n, sc.tau, sc.mode, sc.part, sc.psum, sc.pcnt,
-        sc.ticket, sc.gmax, site.support, site.mode, site.wm, sc.last, v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), p.hkv, p.s, p.cap2, st.beta, nlast,
-        DV=p.dv, BLOCK=OUT_BLOCK, SCAN=OUT_SCAN, NSO_P2=_p2(p.nso), NL_P2=_p2(max(nlast, 1)), MODE=st.mode,
-        HAS_WM=nlast > 0, SOLO=OUT_SOLO, **st.common(), **st.pdl,
-    )  # fmt: skip
-
-
-def _probe(st: Step, site: SiteBuffers) -> None:
-    k = st.k
-    probe_kernel[(st.p.bh,)](
-        k, site.wm, site.probe_pos, site.probe_rows, k.stride(0), k.stride(1), k.stride(2), st.p.hkv,
-        D=st.p.d, P=PROBES, **st.pdl,
+        k, v, out, sc.ws, sc.list_idx, sc.list_z, sc.list_n, sc.tau, sc.mode, sc.part, sc.psum, sc.pcnt,
+        sc.ticket, sc.gmax, site.support, site.mode, site.wm, sc.last, site.probe_pos, site.probe_rows,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0),
+        out.stride(1), out.stride(2), p.hkv, p.s, p.cap2, st.beta, nlast,
+        DK=p.d, DV=p.dv, BLOCK=OUT_BLOCK, SCAN=OUT_SCAN, NSO_P2=_p2(p.nso), NL_P2=_p2(max(nlast, 1)),
+        MODE=st.mode, HAS_WM=nlast > 0, SOLO=OUT_SOLO, P=PROBES, **st.common(), **st.pdl,
     )  # fmt: skip
 
 
@@ -554,5 +557,4 @@ def decode(
         nlast = p.nsplit_p
     _dense(st, sc, first=False)
     _output(st, sc, site, nlast)
-    _probe(st, site)
     return st.out

@@ -22,8 +22,8 @@ sketch is of ``R·k`` (``reference.sketch.rotation``, computed by ``common.rotat
 
 Probes: every ``update_kernel`` program re-reads the ``P`` key rows per group recorded by the previous call
 and rebuilds when any changed (a new sequence written into the same cache can look like an append; NaN keys
-always do); after the output kernel has advanced ``wm``, ``probe_kernel`` records the rows at positions
-spread over ``[0, wm)``.
+always do); the output kernel, once it has advanced ``wm``, records the rows at positions spread over
+``[0, wm)`` (``record_probes``).
 
 Boxes (``BOX``): element-wise min/max over a page's valid keys, in the key dtype (exact); +inf/−inf for a
 page without valid tokens. The output kernel advances ``wm`` at the end of the call.
@@ -75,18 +75,12 @@ def _valid_at(
 
 
 @triton.jit
-def probe_kernel(
-    k_ptr, wm_ptr, pos_ptr, rows_ptr, skb, skh, sks, Hkv, D: tl.constexpr, P: tl.constexpr, PDL: tl.constexpr
-):
-    """After the output kernel advanced ``wm``: records the key rows at ``P`` positions spread over
-    ``[0, wm)`` (``update_kernel`` compares them at the next call)."""
-    pdl_enter(PDL)
-    bh = tl.program_id(0)
-    bh64 = bh.to(tl.int64)
-    k_base = k_ptr + (bh // Hkv).to(tl.int64) * skb + (bh % Hkv).to(tl.int64) * skh
+def record_probes(k_base, sks, wm, pos_ptr, rows_ptr, bh64, D: tl.constexpr, P: tl.constexpr):
+    """Records the key rows at ``P`` positions spread over ``[0, wm)`` (the output kernel, once it has
+    advanced a group's ``wm``; ``update_kernel`` compares them at the next call)."""
     j = tl.arange(0, P)
     d = tl.arange(0, D)
-    pos = tl.maximum(tl.load(wm_ptr + bh) - 1, 0).to(tl.int64) * j // (P - 1)
+    pos = tl.maximum(wm - 1, 0).to(tl.int64) * j // (P - 1)
     tl.store(pos_ptr + bh64 * P + j, pos.to(tl.int32))
     tl.store(
         rows_ptr + (bh64 * P + j)[:, None] * D + d[None, :], tl.load(k_base + pos[:, None] * sks + d[None, :])
@@ -95,7 +89,7 @@ def probe_kernel(
 
 @triton.jit
 def _probed_rows_changed(k_base, sks, pos_ptr, rows_ptr, bh64, D: tl.constexpr, P: tl.constexpr):
-    """Whether a key row recorded by ``probe_kernel`` differs from the cache now (NaN keys: always)."""
+    """Whether a key row recorded by ``record_probes`` differs from the cache now (NaN keys: always)."""
     j = tl.arange(0, P)
     d = tl.arange(0, D)
     pos = tl.load(pos_ptr + bh64 * P + j).to(tl.int64)

@@ -4,9 +4,10 @@ Grid ``[rows, NSO]``: each program takes a slice of its row's list (or of its de
 group is in mode 2), scans it ``SCAN`` entries at a time, gathers the V rows of the support tokens of the
 blocks that hold any (``BLOCK`` rows at a time) and writes fp32 partials. The last program
 of a row to finish (a ticket counter) sums the partials in a fixed order, normalises, writes the output
-and the row's support size, and resets the row's ticket and running maximum for the next call. A list of at
-most ``SOLO`` entries (usually: the solve cuts short lists to their support) is taken whole by the row's
-program 0, which writes the output itself: no partials, no ticket.
+and the row's support size, and resets the row's ticket and running maximum for the next call; a sparse
+pipeline's group row 0 also advances the group's watermark and records its probed key rows
+(``meta.record_probes``). A list of at most ``SOLO`` entries (usually: the solve cuts short lists to their
+support) is taken whole by the row's program 0, which writes the output itself: no partials, no ticket.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ import triton
 import triton.language as tl
 
 from .common import NEG_INF, pdl_enter, pow_beta
+from .meta import record_probes
 
 
 @triton.jit
 def _finish(
-    optr, tot, ps, pc, row, bh, r, m, sup_ptr, gmax_ptr, smode_ptr, wm_ptr, lrow, nlast,
-    RP: tl.constexpr, NL_P2: tl.constexpr, HAS_WM: tl.constexpr,
+    optr, tot, ps, pc, row, bh, r, m, sup_ptr, gmax_ptr, smode_ptr, wm_ptr, lrow, nlast, probes,
+    RP: tl.constexpr, NL_P2: tl.constexpr, HAS_WM: tl.constexpr, DK: tl.constexpr, P: tl.constexpr,
 ):  # fmt: skip
     """Write a row's output ``Σp·v / Σp`` and support size, reset its running maximum for the next call
-    and, for a group's row 0, record the group's mode and advance its watermark (``lrow``: last positions)."""
+    and, for a group's row 0, record the group's mode, advance its watermark (``lrow``: last positions) and
+    record its probed key rows (``probes``: the group's key base, the keys' position stride, the probe
+    buffers)."""
     tl.store(optr, tl.where(ps > 0, tot / tl.maximum(ps, 1e-30), 0.0).to(optr.dtype.element_ty))
     tl.store(sup_ptr + row, pc)
     tl.store(gmax_ptr + bh.to(tl.int64) * RP + r, NEG_INF)
@@ -31,11 +35,15 @@ def _finish(
         tl.store(smode_ptr + bh, m)
         if HAS_WM:
             li = tl.arange(0, NL_P2)
-            tl.store(wm_ptr + bh, tl.max(tl.load(lrow + li, mask=li < nlast, other=0)))
+            wm = tl.max(tl.load(lrow + li, mask=li < nlast, other=0))
+            tl.store(wm_ptr + bh, wm)
+            k_base, sks, ppos_ptr, prow_ptr = probes
+            record_probes(k_base, sks, wm, ppos_ptr, prow_ptr, bh.to(tl.int64), DK, P)
 
 
 @triton.jit
 def output_kernel(
+    k_ptr,
     v_ptr,
     out_ptr,
     ws_ptr,
@@ -53,6 +61,11 @@ def output_kernel(
     stat_mode_ptr,
     wm_ptr,
     last_ptr,
+    probe_pos_ptr,
+    probe_rows_ptr,
+    skb,
+    skh,
+    sks,
     svb,
     svh,
     svs,
@@ -68,6 +81,7 @@ def output_kernel(
     LQ: tl.constexpr,
     R: tl.constexpr,
     RP: tl.constexpr,
+    DK: tl.constexpr,
     DV: tl.constexpr,
     BLOCK: tl.constexpr,
     SCAN: tl.constexpr,
@@ -76,6 +90,7 @@ def output_kernel(
     MODE: tl.constexpr,
     HAS_WM: tl.constexpr,
     SOLO: tl.constexpr,
+    P: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -130,10 +145,11 @@ def output_kernel(
                     acc += tl.sum(pb[:, None] * vt.to(tl.float32), axis=0)
     optr = out_ptr + b.to(tl.int64) * sob + (kvh * G + r // LQ) * soh + (r % LQ) * sol + dv
     lrow = last_ptr + bh.to(tl.int64) * nlast
+    probes = (k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh, sks, probe_pos_ptr, probe_rows_ptr)
     if solo:
         if sp == 0:
             _finish(optr, acc, tl.sum(pv), tl.sum(cv), row, bh, r, m, support_ptr, gmax_ptr, stat_mode_ptr,
-                    wm_ptr, lrow, nlast, RP, NL_P2, HAS_WM)  # fmt: skip
+                    wm_ptr, lrow, nlast, probes, RP, NL_P2, HAS_WM, DK, P)  # fmt: skip
     else:
         pslot = row64 * nso + sp
         tl.store(part_ptr + pslot * DV + dv, acc)
@@ -151,4 +167,4 @@ def output_kernel(
             pc = tl.sum(tl.load(pcnt_ptr + jp, mask=jm, other=0, cache_modifier=".cg"))
             tl.store(ticket_ptr + row, 0)
             _finish(optr, tl.sum(parts, axis=0), ps, pc, row, bh, r, m, support_ptr, gmax_ptr, stat_mode_ptr,
-                    wm_ptr, lrow, nlast, RP, NL_P2, HAS_WM)  # fmt: skip
+                    wm_ptr, lrow, nlast, probes, RP, NL_P2, HAS_WM, DK, P)  # fmt: skip
