@@ -101,9 +101,9 @@ def test_dense_matches_reference(shape, alpha, dtype, bias_kind):
 @pytest.mark.parametrize("policy", ["dense", "certified"])
 @pytest.mark.parametrize("inline", [True, False])
 def test_dense_support_sizes_and_workspace_fallback(policy, inline, monkeypatch):
-    """A group that overflows its dense segments decodes from the workspace. ``inline``: the scoring pass writes
-    it and the solve uses it at once (caches ≤ WS_INLINE_MAX; a sparse pipeline's dense tail at any length),
-    else ``dense`` writes it in a second pass."""
+    """A group that overflows its dense segments decodes from the workspace. ``inline``: the scoring pass
+    writes it and the solve uses it at once (caches ≤ WS_INLINE_MAX; a sparse pipeline's dense tail at any
+    length), else ``dense`` writes it in a second pass."""
     monkeypatch.setattr(launch, "WS_INLINE_MAX", 1 << 40 if inline else 0)
     q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.float32, peaky=False)
     q[:, :2] *= 1e-2  # KV head 0: every score within 1 of the maximum, all 256 tokens in the support
@@ -496,6 +496,21 @@ def test_group_of_256_rows(policy, sketch):
     assert site.mode.tolist() == ([1] if policy == "dense" else [0])
 
 
+@pytest.mark.parametrize("policy", ["dense", "certified"])
+def test_non_finite_query_rows_are_nan(policy):
+    """A query row holding a NaN or ±inf gives a NaN output row, as eager entmax does (the kernels' own
+    answer would be finite); every other row stays exact."""
+    q, k, v = _inputs(1, 2, 2, 1, 128, 64, torch.float32, seed=6)
+    q[0, 1, 0, 3] = math.nan
+    q[0, 2, 0, 0] = -math.inf
+    out, _, cfg = _run(policy, q, k, v, None, 1.5)
+    ok = [0, 3]
+    ref, _ = decode_attention(q[:, ok], k.repeat_interleave(2, 1)[:, ok], v.repeat_interleave(2, 1)[:, ok],
+                              scale=64**-0.5 * 2, alpha=1.5, config=cfg)  # fmt: skip
+    assert out[0, 1:3].isnan().all()
+    assert _err(out[:, ok], ref) < 1e-5
+
+
 def test_certified_over_capacity_falls_back_per_group():
     q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.bfloat16, seed=2)
     q[:, 2:] = 0.0  # KV head 1: flat scores, every token a candidate
@@ -518,7 +533,12 @@ def test_certified_over_capacity_falls_back_per_group():
 def test_topk_matches_reference(page_size, alpha, lengths, dtype):
     q, k, v = _inputs(2, 2, 2, 1, 256, 64, dtype, seed=3)
     bias = _mask(2, 256, lengths)
-    out, site, cfg = _run("topk", q, k, v, bias, alpha, page_size=page_size, budget_pages=3, recent_pages=1)
+    k_masked_nan = k.clone()  # masked keys play no part, whatever they hold (the last, partial page is read)
+    for i, n in enumerate(lengths):
+        k_masked_nan[i, :, n:] = math.nan
+    out, site, cfg = _run(
+        "topk", q, k_masked_nan, v, bias, alpha, page_size=page_size, budget_pages=3, recent_pages=1
+    )
     ref, _ = decode_attention(q, k, v, scale=64**-0.5 * 2, alpha=alpha, bias=bias, config=cfg)
     assert _err(out, ref) < max(TOL[dtype], 1e-5)
     assert site.mode.tolist() == [0] * 4

@@ -451,13 +451,14 @@ def _dense(st: Step, sc: Scratch, first: bool) -> None:
 
 
 def _output(st: Step, sc: Scratch, site: SiteBuffers, nlast: int) -> None:
-    """The output; with ``nlast`` (a sparse pipeline) it also advances the watermarks, records the probes."""
-    p, k, v, out = st.p, st.k, st.v, st.out
+    """The output (rows of a non-finite query: NaN); with ``nlast`` (a sparse pipeline) it also advances the
+    watermarks and records the probes."""
+    p, v, out = st.p, st.v, st.out
     output_kernel[(p.bh * p.r, p.nso)](
-        k, v, out, sc.ws, sc.list_idx, sc.list_z, sc.list_n, sc.tau, sc.mode, sc.part, sc.psum, sc.pcnt,
-        sc.ticket, sc.gmax, site.support, site.mode, site.wm, sc.last, site.probe_pos, site.probe_rows,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0),
-        out.stride(1), out.stride(2), p.hkv, p.s, p.cap2, st.beta, nlast,
+        st.q, st.k, v, out, sc.ws, sc.list_idx, sc.list_z, sc.list_n, sc.tau, sc.mode, sc.part, sc.psum,
+        sc.pcnt, sc.ticket, sc.gmax, site.support, site.mode, site.wm, sc.last, site.probe_pos,
+        site.probe_rows, *st.qkb()[:6], v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
+        out.stride(2), p.hkv, p.s, p.cap2, st.beta, nlast,
         DK=p.d, DV=p.dv, BLOCK=OUT_BLOCK, SCAN=OUT_SCAN, NSO_P2=_p2(p.nso), NL_P2=_p2(max(nlast, 1)),
         MODE=st.mode, HAS_WM=nlast > 0, SOLO=OUT_SOLO, P=PROBES, **st.common(), **st.pdl,
     )  # fmt: skip

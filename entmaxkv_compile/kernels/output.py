@@ -21,14 +21,19 @@ from .meta import record_probes
 
 @triton.jit
 def _finish(
-    optr, tot, ps, pc, row, bh, r, m, sup_ptr, gmax_ptr, smode_ptr, wm_ptr, lrow, nlast, probes,
+    optr, qrow, tot, ps, pc, row, bh, r, m, stats, lrow, nlast, probes,
     RP: tl.constexpr, NL_P2: tl.constexpr, HAS_WM: tl.constexpr, DK: tl.constexpr, P: tl.constexpr,
 ):  # fmt: skip
-    """Write a row's output ``Σp·v / Σp`` and support size, reset its running maximum for the next call
-    and, for a group's row 0, record the group's mode, advance its watermark (``lrow``: last positions) and
-    record its probed key rows (``probes``: the group's key base, the keys' position stride, the probe
-    buffers)."""
-    tl.store(optr, tl.where(ps > 0, tot / tl.maximum(ps, 1e-30), 0.0).to(optr.dtype.element_ty))
+    """Write a row's output ``Σp·v / Σp`` (NaN, as in eager, if its query ``qrow`` holds a NaN or ±inf) and
+    support size, reset its running maximum for the next call and, for a group's row 0, record the group's
+    mode, advance its watermark (``lrow``: last positions) and record its probed key rows (``probes``: the
+    group's key base, the keys' position stride, the probe buffers). ``stats``: the support, running
+    maximum, mode and watermark buffers."""
+    sup_ptr, gmax_ptr, smode_ptr, wm_ptr = stats
+    qv = tl.load(qrow + tl.arange(0, DK)).to(tl.float32)
+    finite = tl.min((tl.abs(qv) <= 3.4028234663852886e38).to(tl.int32), axis=0) > 0  # NaN compares false
+    o = tl.where(ps > 0, tot / tl.maximum(ps, 1e-30), 0.0)
+    tl.store(optr, tl.where(finite, o, float("nan")).to(optr.dtype.element_ty))
     tl.store(sup_ptr + row, pc)
     tl.store(gmax_ptr + bh.to(tl.int64) * RP + r, NEG_INF)
     if r == 0:
@@ -43,6 +48,7 @@ def _finish(
 
 @triton.jit
 def output_kernel(
+    q_ptr,
     k_ptr,
     v_ptr,
     out_ptr,
@@ -63,6 +69,9 @@ def output_kernel(
     last_ptr,
     probe_pos_ptr,
     probe_rows_ptr,
+    sqb,
+    sqh,
+    sql,
     skb,
     skh,
     sks,
@@ -144,12 +153,14 @@ def output_kernel(
                     vt = tl.load(vptr, mask=sup[:, None], other=0.0)
                     acc += tl.sum(pb[:, None] * vt.to(tl.float32), axis=0)
     optr = out_ptr + b.to(tl.int64) * sob + (kvh * G + r // LQ) * soh + (r % LQ) * sol + dv
+    qrow = q_ptr + b.to(tl.int64) * sqb + (kvh * G + r // LQ) * sqh + (r % LQ) * sql
+    stats = (support_ptr, gmax_ptr, stat_mode_ptr, wm_ptr)
     lrow = last_ptr + bh.to(tl.int64) * nlast
     probes = (k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh, sks, probe_pos_ptr, probe_rows_ptr)
     if solo:
         if sp == 0:
-            _finish(optr, acc, tl.sum(pv), tl.sum(cv), row, bh, r, m, support_ptr, gmax_ptr, stat_mode_ptr,
-                    wm_ptr, lrow, nlast, probes, RP, NL_P2, HAS_WM, DK, P)  # fmt: skip
+            _finish(optr, qrow, acc, tl.sum(pv), tl.sum(cv), row, bh, r, m, stats, lrow, nlast, probes,
+                    RP, NL_P2, HAS_WM, DK, P)  # fmt: skip
     else:
         pslot = row64 * nso + sp
         tl.store(part_ptr + pslot * DV + dv, acc)
@@ -166,5 +177,5 @@ def output_kernel(
             ps = tl.sum(tl.load(psum_ptr + jp, mask=jm, other=0.0, cache_modifier=".cg"))
             pc = tl.sum(tl.load(pcnt_ptr + jp, mask=jm, other=0, cache_modifier=".cg"))
             tl.store(ticket_ptr + row, 0)
-            _finish(optr, tl.sum(parts, axis=0), ps, pc, row, bh, r, m, support_ptr, gmax_ptr, stat_mode_ptr,
-                    wm_ptr, lrow, nlast, probes, RP, NL_P2, HAS_WM, DK, P)  # fmt: skip
+            _finish(optr, qrow, tl.sum(parts, axis=0), ps, pc, row, bh, r, m, stats, lrow, nlast, probes,
+                    RP, NL_P2, HAS_WM, DK, P)  # fmt: skip

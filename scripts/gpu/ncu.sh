@@ -3,7 +3,7 @@
 # ncu reads the hardware counters — Firecracker machines; --clock-control none leaves the clocks alone).
 # Writes $OUT/ncu/: the report (step.ncu-rep, ~25 MB), details.txt, raw.csv, summary.txt (one line per
 # launch: time, issue rate, occupancy, registers, largest stalls), and for the certified int4 and int8 sketch
-# passes (score_kernel launches 0 and 3: a certified step also launches two fallback passes that exit at once)
+# passes (score_kernel launches 0 and 2: a certified step also launches its dense tail's pass, which exits at once)
 # their SASS with per-instruction counters (score_int4.csv, score_int8.csv) and hot loop (score_*.txt).
 #   OUT=/tmp/out bash scripts/gpu/ncu.sh [CONTEXT]        (from the repo root)
 set -u
@@ -19,7 +19,7 @@ echo "ncu rc=$?"
 ncu -i "$DST/step.ncu-rep" --page details > "$DST/details.txt" 2>&1
 ncu -i "$DST/step.ncu-rep" --page raw --csv > "$DST/raw.csv" 2>&1
 python3 scripts/gpu/ncu_step.py summary "$DST/raw.csv" | tee "$DST/summary.txt"
-for pair in int4:0 int8:3; do
+for pair in int4:0 int8:2; do
   name=${pair%:*}
   ncu -i "$DST/step.ncu-rep" --kernel-name score_kernel --launch-skip "${pair#*:}" --launch-count 1 --page source \
     --csv --print-source sass > "$DST/score_$name.csv" 2>&1
