@@ -486,6 +486,16 @@ def score_kernel(
 
 
 @triton.jit
+def _seg_block(idx_base, z_base, sl, m, r, rmask, segcap, R: tl.constexpr):
+    """Positions and upper scores ``[RP, ·]`` of a segment's entries ``sl`` (where ``m``; −inf elsewhere)."""
+    pos = tl.load(idx_base + sl, mask=m, other=0)
+    zhi = tl.load(
+        z_base + (R + r[:, None]) * segcap + sl[None, :], mask=rmask[:, None] & m[None, :], other=NEG_INF
+    )
+    return pos, zhi
+
+
+@triton.jit
 def cand_kernel(
     q_ptr,
     k_ptr,
@@ -524,31 +534,33 @@ def cand_kernel(
     pdl_enter(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
-    if tl.load(mode_ptr + bh) == 0:
+    bh64 = bh.to(tl.int64)
+    r, rmask, hq, qp = group_rows(bh % Hkv, G, LQ, R, RP)
+    seg = bh64 * tl.num_programs(1) + sp
+    idx_base = seg_idx_ptr + seg * segcap
+    z_base = seg_z_ptr + seg * 2 * R * segcap
+    # the mode, τ_low, the count and the segment's first block are loaded at once (used only in mode 0), not
+    # one after another: two round trips fewer before the key rows can be fetched
+    mode = tl.load(mode_ptr + bh)
+    tau_low = tl.load(tau_low_ptr + bh64 * RP + r, mask=rmask, other=float("inf"))
+    n = tl.minimum(tl.load(seg_cnt_ptr + seg), segcap)
+    sl = tl.arange(0, BLOCK_N)
+    pos_nx, zhi_nx = _seg_block(idx_base, z_base, sl, sl < segcap, r, rmask, segcap, R)
+    if mode == 0:
         b = bh // Hkv
         kvh = bh % Hkv
-        bh64 = bh.to(tl.int64)
-        r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RP)
         qc = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
         k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
         bias_base = bias_ptr + b.to(tl.int64) * sbb
         d = tl.arange(0, D)
-        tau_low = tl.load(tau_low_ptr + bh64 * RP + r, mask=rmask, other=float("inf"))
-        seg = bh64 * tl.num_programs(1) + sp
-        idx_base = seg_idx_ptr + seg * segcap
-        z_base = seg_z_ptr + seg * 2 * R * segcap
-        n = tl.minimum(tl.load(seg_cnt_ptr + seg), segcap)
         cnt = tl.full([], 0, tl.int32)
         zmax = tl.full([RP], NEG_INF, tl.float32)
         for s0 in range(0, n, BLOCK_N):
             sl = s0 + tl.arange(0, BLOCK_N)
             inr = sl < n
-            pos = tl.load(idx_base + sl, mask=inr, other=0)
-            zhi = tl.load(
-                z_base + (R + r[:, None]) * segcap + sl[None, :],
-                mask=rmask[:, None] & inr[None, :],
-                other=NEG_INF,
-            )
+            pos, zhi = pos_nx, zhi_nx
+            nx = sl + BLOCK_N
+            pos_nx, zhi_nx = _seg_block(idx_base, z_base, nx, nx < n, r, rmask, segcap, R)
             cand = (tl.sum((zhi > tau_low[:, None]).to(tl.int32), axis=0) > 0) & inr
             bias = load_bias(bias_base, hq, qp, rmask, pos, cand, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
             kt = tl.load(k_base + pos.to(tl.int64)[:, None] * sks + d[None, :], mask=cand[:, None], other=0.0)
