@@ -63,10 +63,12 @@ PAGED = ("topk", "adaptive")  # policies that select pages by their boxes
 SKETCH_BITS = {"int8": 8, "int4": 4}
 SKETCH_TILE = 32  # update_kernel's key rows per tile; a decode step's window takes min(this, p2(2·Lq))
 PROBES = 8  # key rows per KV group re-read every step, so a rewritten cache (new sequence) is seen
-# Scoring passes run 4 warps capped at 128 registers (no spills on sm_90 under triton 3.6 for 16-bit keys,
-# groups of ≤ 16 rows, head dim 64–256, every sketch): 4 programs per SM, so a grid of 4·SMs programs is one
-# wave (ops/cuda.py's PROGRAMS_PER_SM). fp32 keys and larger groups would spill under the cap: run uncapped.
-SCORE_MAXNREG = 128
+# Scoring passes and the page gather run 4 warps capped at 128 registers (no spills on sm_90 under triton 3.6
+# for 16-bit keys, groups of ≤ 16 rows, head dim 64–256, every sketch): 4 programs per SM, so a grid of 4·SMs
+# programs is one wave (ops/cuda.py's PROGRAMS_PER_SM). fp32 keys and larger groups would spill under the cap:
+# run uncapped. (The gather, uncapped, took 168 registers once its mapping became a loop: two waves, 1M
+# top-k 1/16 59 → 97 µs.)
+MAXNREG = 128
 # Tiles between exchanges of the running maxima (score_kernel's SYNC; exact tiles are Plan.block_n tokens,
 # sketch tiles Plan.block_sk); a program takes each answer at its next exchange, so a maximum reaches the
 # others SYNC tiles late. A late maximum lets looser bounds overflow the segments: int4 exchanges every tile
@@ -373,10 +375,13 @@ class Step:
         return dict(HAS_BIAS=self.has_bias, BIAS_ROWS=self.bias_rows)
 
 
+def _reg_cap(st: Step) -> dict:
+    """The register cap (``MAXNREG``) where it spills nothing."""
+    return {"maxnreg": MAXNREG} if not (INTERPRET or st.f32) and st.p.rp <= 16 else {}
+
+
 def _score_launch(st: Step, sk: int) -> dict:
-    capped = not (INTERPRET or st.f32) and st.p.rp <= 16
-    launch = {"num_warps": 4, "SYNC": SYNC_SKETCH[sk] if sk else SYNC_EXACT}
-    return {**launch, "maxnreg": SCORE_MAXNREG} if capped else launch
+    return {"num_warps": 4, "SYNC": SYNC_SKETCH[sk] if sk else SYNC_EXACT, **_reg_cap(st)}
 
 
 def _score(
@@ -551,7 +556,7 @@ def decode(
             sc.tseg_cnt, sc.tseg_max, sc.gmax, *st.qkb(), p.hkv, p.s, p.n_pages, p.nsplit_p,
             p.pages_per_split, p.sel_cap, p.segcap_t, st.zmul, st.bmul, D=p.d, PS=p.ps,
             BPG=max(1, GATHER_TILE // p.ps), NL_P2=_p2(p.nsplit_p), MAP=max(1, 4096 // _p2(p.nsplit_p)),
-            F32=st.f32, **st.common(), **st.bias_flags(), **st.pdl,
+            F32=st.f32, num_warps=4, **_reg_cap(st), **st.common(), **st.bias_flags(), **st.pdl,
         )  # fmt: skip
         segs = (sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, p.nsplit_t, p.segcap_t)
         _solve(st, sc, 0, 1, sc.tau, segs=segs)

@@ -39,7 +39,7 @@ log = logging.getLogger("entmaxkv_compile")
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ROWS = 64  # query rows per KV group (G·Lq) the kernels score in one tile
-PROGRAMS_PER_SM = 4  # scoring passes: 4 warps, ≤ 128 registers (kernels/launch.py SCORE_MAXNREG) ⇒ 4 per SM
+PROGRAMS_PER_SM = 4  # scoring passes: 4 warps, ≤ 128 registers (kernels/launch.py MAXNREG) ⇒ 4 per SM
 
 T = TypeVar("T")
 
