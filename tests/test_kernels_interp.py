@@ -101,9 +101,10 @@ def test_dense_matches_reference(shape, alpha, dtype, bias_kind):
 @pytest.mark.parametrize("policy", ["dense", "certified"])
 @pytest.mark.parametrize("inline", [True, False])
 def test_dense_support_sizes_and_workspace_fallback(policy, inline, monkeypatch):
-    """A group that overflows its dense segments decodes from the workspace. ``inline``: the scoring pass
-    writes it and the solve uses it at once (caches ≤ WS_INLINE_MAX; a sparse pipeline's dense tail at any
-    length), else ``dense`` writes it in a second pass."""
+    """A group that overflows its dense segments (certified: its candidates first, then its dense tail's
+    segments) decodes from the workspace. ``inline``: the scoring pass writes it and the solve uses it at once
+    (caches ≤ WS_INLINE_MAX), else a second pass writes it — except in certified's tail, which writes it
+    inline at any length when ``min_context`` is 0 (the next test: not otherwise)."""
     monkeypatch.setattr(launch, "WS_INLINE_MAX", 1 << 40 if inline else 0)
     q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.float32, peaky=False)
     q[:, :2] *= 1e-2  # KV head 0: every score within 1 of the maximum, all 256 tokens in the support
@@ -669,6 +670,23 @@ def test_min_context_runs_dense():
         out, site, _ = _run(policy, q, k, v, bias, 1.5, min_context=101)
         assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=1.5, bias=bias)) < 1e-5
         assert site.mode.tolist() == [1, 1]
+
+
+def test_dense_tail_of_a_long_cache_leaves_the_workspace_alone(monkeypatch):
+    """A group below ``min_context`` takes the dense tail on every step; in a cache too long for the inline
+    workspace (``WS_INLINE_MAX``) the tail's scoring pass must not write the workspace (it would write every
+    position of the capacity, every step) unless a group overflows its segments."""
+    monkeypatch.setattr(launch, "WS_INLINE_MAX", 0)
+    q, k, v = _inputs(1, 2, 2, 1, 128, 64, torch.float32, seed=4)
+    bias = _mask(1, 128, [40])
+    cfg = EntmaxKVConfig(policy="certified", min_context=101)
+    plan = make_plan(tuple(q.shape), tuple(k.shape), 64, cfg, 8, 16)
+    site, sc = SiteBuffers(plan, q.device, k.dtype), Scratch(plan, q.device)
+    sc.ws.fill_(7.0)
+    out = decode(plan, sc, site, q, k, v, bias, 64**-0.5 * 2, 1.5, cfg)
+    assert _err(out, dense_decode(q, k, v, scale=64**-0.5 * 2, alpha=1.5, bias=bias)) < 1e-5
+    assert site.mode.tolist() == [1, 1]
+    assert bool((sc.ws == 7.0).all())
 
 
 def _site_step(policy, q, k_cache, v_cache, length, site):

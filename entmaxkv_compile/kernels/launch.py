@@ -8,9 +8,9 @@ decode step launches the same kernels on the same grids every time: no host sync
 Pipelines (each launch early-exits for groups in another mode):
 
 * ``dense``: score(exact, keep) → solve → [score(workspace) → solve(workspace)] → output; caches of at most
-  ``WS_INLINE_MAX`` positions write the workspace in the first scoring pass and solve an overflowed group
-  from it in the same solve launch, two launches fewer; so does every sparse pipeline's *dense tail* (the
-  groups that fell back), at any length
+  ``WS_INLINE_MAX`` positions (with ``16·R ≤ D``) write the workspace in the first scoring pass and solve an
+  overflowed group from it in the same solve launch, two launches fewer; so does a sparse pipeline's *dense
+  tail* (the groups that fell back) at any length when ``min_context`` is 0 (``decode``)
 * ``certified``: update(probes, sketch) → score(sketch, keep) → solve(τ_low) → cand → solve → dense tail →
   output(+ probes recorded)
 * ``topk``: update(probes, boxes) → page scores → select → page gather → solve → dense tail → output(+ probes)
@@ -66,8 +66,8 @@ PROBES = 8  # key rows per KV group re-read every step, so a rewritten cache (ne
 # Scoring passes and the page gather run 4 warps capped at 128 registers (no spills on sm_90 under triton 3.6
 # for 16-bit keys, groups of ≤ 16 rows, head dim 64–256, every sketch): 4 programs per SM, so a grid of 4·SMs
 # programs is one wave (ops/cuda.py's PROGRAMS_PER_SM). fp32 keys and larger groups would spill under the cap:
-# run uncapped. (The gather, uncapped, took 168 registers once its mapping became a loop: two waves, 1M
-# top-k 1/16 59 → 97 µs.)
+# run uncapped; so does the gather for pages longer than its 64-row tile. (The gather, uncapped, took 168
+# registers once its mapping became a loop: two waves, 1M top-k 1/16 59 → 97 µs.)
 MAXNREG = 128
 # Tiles between exchanges of the running maxima (score_kernel's SYNC; exact tiles are Plan.block_n tokens,
 # sketch tiles Plan.block_sk); a program takes each answer at its next exchange, so a maximum reaches the
@@ -190,7 +190,12 @@ class Plan:
 
     @property
     def ws_inline(self) -> bool:
-        return self.s <= WS_INLINE_MAX and 16 * self.r <= self.d
+        return self.s <= WS_INLINE_MAX and self.ws_cheap
+
+    @property
+    def ws_cheap(self) -> bool:
+        """The workspace (R·4 bytes per position) is at most 1/8 of the key bytes a dense pass reads."""
+        return 16 * self.r <= self.d
 
     @property
     def cap2(self) -> int:
@@ -442,12 +447,11 @@ def _solve(
     )  # fmt: skip
 
 
-def _dense(st: Step, sc: Scratch, first: bool) -> None:
+def _dense(st: Step, sc: Scratch, first: bool, inline: bool) -> None:
     """Groups in mode 1 (all groups if ``first``) decode densely from kept segments; those whose segments
-    overflow, from the dense workspace (mode 2). The scoring pass writes the workspace as it goes (and the
-    solve of an overflowed group reads it at once, two launches fewer) where that is cheap: in a ``ws_inline``
-    plan, and in a sparse pipeline's tail (``first`` false), which scores only the groups that fell back."""
-    inline = st.p.ws_inline or not first
+    overflow, from the dense workspace (mode 2). ``inline``: the scoring pass writes the workspace as it goes
+    and the solve of an overflowed group reads it at once (two launches fewer), writing every position of the
+    capacity (see ``decode`` for where that is cheap)."""
     _score(st, sc, -1 if first else 1, ws_too=inline)
     _solve(st, sc, 1, 2, sc.tau, ws_inline=inline)
     if not inline:
@@ -504,7 +508,7 @@ def decode(
     config = config.resolve(k.shape[2])
     st = Step(p, q, k, v, bias, scale, alpha)
     if p.policy == "dense":
-        _dense(st, sc, first=True)
+        _dense(st, sc, True, p.ws_inline)
         _output(st, sc, site, 0)
         return st.out
     _update(st, site, sc)
@@ -556,11 +560,17 @@ def decode(
             sc.tseg_cnt, sc.tseg_max, sc.gmax, *st.qkb(), p.hkv, p.s, p.n_pages, p.nsplit_p,
             p.pages_per_split, p.sel_cap, p.segcap_t, st.zmul, st.bmul, D=p.d, PS=p.ps,
             BPG=max(1, GATHER_TILE // p.ps), NL_P2=_p2(p.nsplit_p), MAP=max(1, 4096 // _p2(p.nsplit_p)),
-            F32=st.f32, num_warps=4, **_reg_cap(st), **st.common(), **st.bias_flags(), **st.pdl,
+            F32=st.f32, num_warps=4, **(_reg_cap(st) if p.ps <= GATHER_TILE else {}), **st.common(),
+            **st.bias_flags(), **st.pdl,
         )  # fmt: skip
         segs = (sc.tseg_idx, sc.tseg_z, sc.tseg_cnt, sc.tseg_max, p.nsplit_t, p.segcap_t)
         _solve(st, sc, 0, 1, sc.tau, segs=segs)
         nlast = p.nsplit_p
-    _dense(st, sc, first=False)
+    # A sparse pipeline's dense tail runs for the groups that fell back: with min_context = 0 only after an
+    # overflow, which a long sequence causes (its pass reads the keys of most of the capacity anyway), so it
+    # writes the workspace inline at any cache length; with min_context > 0 (auto: 128K) it may run on every
+    # step for a short sequence in a long cache, where writing the whole capacity's workspace would cost more
+    # than the two launches it saves (review, fourteenth session).
+    _dense(st, sc, False, p.ws_inline or (config.min_context == 0 and p.ws_cheap))
     _output(st, sc, site, nlast)
     return st.out

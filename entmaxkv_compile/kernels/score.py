@@ -7,9 +7,9 @@ a running maximum shared by all programs of the group through ``gmax``; τ ≥ m
 irrelevant; programs exchange their running maxima through ``gmax`` every ``SYNC`` tiles and take each answer
 at the next exchange, so no tile waits on an L2 atomic) in the program's *segment* ``(idx, z_lo[, z_hi])`` of
 static capacity ``segcap`` (a count past it marks an overflow). With ``WRITE_WS`` it writes every ``z`` to the
-dense workspace instead (the overflow fallback). ``cand_kernel`` turns a sketch segment into a segment of
-exact scores: it keeps the tokens whose upper bound beats ``τ_low`` (the threshold of the lower bounds, which
-is ≤ τ by monotonicity), gathers their exact key rows and compacts them in place.
+dense workspace (the overflow fallback): instead, or in a short cache as well. ``cand_kernel`` turns a sketch
+segment into a segment of exact scores: it keeps the tokens whose upper bound beats ``τ_low`` (the threshold
+of the lower bounds, which is ≤ τ by monotonicity), gathers their exact key rows and compacts them in place.
 
 Sketches are scored by int8 tensor-core dots on the codes as loaded (int4 nibbles unpacked to int8 in
 registers), one dot per channel group of ``GS`` (scaled by the group's step after the dot, exact): the query
