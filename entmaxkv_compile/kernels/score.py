@@ -534,8 +534,10 @@ def cand_kernel(
     pdl_enter(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
+    b = bh // Hkv
+    kvh = bh % Hkv
     bh64 = bh.to(tl.int64)
-    r, rmask, hq, qp = group_rows(bh % Hkv, G, LQ, R, RP)
+    r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RP)
     seg = bh64 * tl.num_programs(1) + sp
     idx_base = seg_idx_ptr + seg * segcap
     z_base = seg_z_ptr + seg * 2 * R * segcap
@@ -547,8 +549,6 @@ def cand_kernel(
     sl = tl.arange(0, BLOCK_N)
     pos_nx, zhi_nx = _seg_block(idx_base, z_base, sl, sl < segcap, r, rmask, segcap, R)
     if mode == 0:
-        b = bh // Hkv
-        kvh = bh % Hkv
         qc = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
         k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
         bias_base = bias_ptr + b.to(tl.int64) * sbb
