@@ -87,6 +87,11 @@ REFILTER_EXACT_MAX = 262144
 # Programmatic dependent launch where the GPU has it (sm_90+; see _pdl). The benchmark's --profile pass turns
 # it off: a kernel launched early would count its wait for the predecessor as its own device time.
 PDL = True
+# EARLY (score_kernel, every launch but a pipeline's first; cand_kernel, page_score_kernel and
+# page_gather_kernel always): the query side (loads, int8 levels) runs before the wait for the previous
+# kernel, beside its tail (not the rotated sketches' q̃ = fl(R·q): update_kernel writes it). It reads only the
+# op's inputs, and those are complete by then: each of these kernels lets its successor launch only after its
+# own wait has returned, and a pipeline's first kernel waits for the op's producers before anything else.
 # Pages per page-scoring tile and that kernel's pipeline depth (1M, 1/64: 193 µs at 16 pages and 3 stages →
 # 123 µs at 32 and 2; with the empty-page selects gone from the tile loop 100 µs at 32 pages, 84 at 32 and 3
 # stages, 78 at 64 and 2).
@@ -412,7 +417,7 @@ def _score(
         sc.mode, vend, *st.qkb(), p.hkv, p.s, p.s, p.split_len, p.segcap, st.zmul, st.bmul, st.rot_eps,
         want_mode,
         D=p.d, BLOCK_N=p.block_sk if sk else p.block_n, SRC=sk, GS=p.gs, PACK=bool(sk) and p.packed,
-        TRANS=bool(sk) and p.trans, RT=p.rt,
+        TRANS=bool(sk) and p.trans, RT=p.rt, EARLY=want_mode >= 0,
         KEEP=not ws, WRITE_WS=ws or ws_too, REFILTER=bool(sk) or p.s <= REFILTER_EXACT_MAX,
         ASM=NVIDIA, ROT=bool(sk) and p.rot, F32=st.f32, **st.pdl, **st.common(), **st.bias_flags(),
         **_score_launch(st, sk),

@@ -136,7 +136,6 @@ def page_score_kernel(
     ADAPT: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_enter(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = bh // Hkv
@@ -158,6 +157,7 @@ def page_score_kernel(
     # the bias is loaded a tile ahead by hand (too narrow a load for async copies: no tile waits on it)
     nxt = p_start * PS + j
     bias_nxt = _bias_raw(bias_base, hq, qp, rmask, nxt, nxt < t_end, sbh, sbl, sbs, HAS_BIAS, BIAS_ROWS)
+    pdl_enter(PDL)  # the query and the first bias tile (the op's inputs) before the wait: launch.py, EARLY
     for p0 in range(p_start, p_end, BP):
         pg = p0 + tl.arange(0, BP)
         pm = pg < p_end
@@ -611,7 +611,6 @@ def page_gather_kernel(
     F32: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_enter(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     nsp = tl.num_programs(1)
@@ -620,6 +619,7 @@ def page_gather_kernel(
     bh64 = bh.to(tl.int64)
     r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RP)
     qc = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
+    pdl_enter(PDL)  # the query (an input of the op) before the wait: launch.py, EARLY
     k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
     bias_base = bias_ptr + b.to(tl.int64) * sbb
     d = tl.arange(0, D)

@@ -52,19 +52,9 @@ def _qcode(x, s):
 
 @triton.jit
 def _qenc(
-    q_ptr,
-    qrot_ptr,
+    qf,
     rot_e,
-    bh,
-    b,
-    kvh,
-    sqb,
-    sqh,
-    sql,
     zmul,
-    G: tl.constexpr,
-    LQ: tl.constexpr,
-    R: tl.constexpr,
     RS: tl.constexpr,
     RP: tl.constexpr,
     D: tl.constexpr,
@@ -77,11 +67,12 @@ def _qenc(
     ROT: tl.constexpr,
     TRANS: tl.constexpr,
 ):
-    """The query rows as two int8 levels on one step per row, ``q = s·(c1 + c2/128) + e`` (``s =
-    max|q|/127``, so ``|c2| ≤ 64``), cut per channel group ``g`` (channels ``[g·GS, (g+1)·GS)``) into
-    ``[RP, CW]`` operands over the code chunk that holds the group (zero outside it); ``128·(c1·x) + c2·x``
-    is then exact in int32 (``< 2³¹`` for ≤ 256 channels, summed over a row's chunks by ``TRANS``) and a
-    group's scores are one integer per token, so each group costs one conversion and one ``fma`` per score.
+    """The query rows ``qf [RS, D]`` (``_qrows``) as two int8 levels on one step per row, ``q = s·(c1 +
+    c2/128) + e`` (``s = max|q|/127``, so ``|c2| ≤ 64``), cut per channel group ``g`` (channels ``[g·GS,
+    (g+1)·GS)``) into ``[RP, CW]`` operands over the code chunk that holds the group (zero outside it);
+    ``128·(c1·x) + c2·x`` is then exact in int32 (``< 2³¹`` for ≤ 256 channels, summed over a row's chunks by
+    ``TRANS``) and a group's scores are one integer per token, so each group costs one conversion and one
+    ``fma`` per score.
 
     Returns the operands (``TRANS``: ``_trans_operands``; ``PACK``: rows ``i`` and ``RS + i`` hold row ``i``'s
     ``c1`` and ``c2``, one dot yields both; else ``c1`` and ``c2`` apart), the per-row factor
@@ -90,8 +81,10 @@ def _qenc(
     per unit step ``(α−1)·scale·CMAX·‖e‖₁`` plus a slack (``D·max|q|·2⁻¹⁹``) for the fp32 rounding; ``ROT``
     (the rows are ``q̃ = fl(R·q)``) adds ``(α−1)·scale·rot_e·‖q̃‖₂·CMAX·√D`` for ``(R·q − q̃)·k̂``."""
     rf = tl.arange(0, RP)
-    rr = rf % RS
-    qrow = _qrows(q_ptr, qrot_ptr, bh, b, kvh, rr, rr < R, sqb, sqh, sql, G, LQ, R, D, ROT)
+    if RP == RS:
+        qrow = qf
+    else:  # every row once in [0, RS), again in [RS, RP)
+        qrow = tl.reshape(tl.broadcast_to(qf[None, :, :], [RP // RS, RS, D]), [RP, D])
     amax = tl.max(tl.abs(qrow), axis=1)  # one step for every group
     s1 = tl.where(amax > 1e-30, amax / 127.0, 1.0)
     s2 = s1 * 0.0078125
@@ -311,61 +304,72 @@ def score_kernel(
     ROT: tl.constexpr,
     TRANS: tl.constexpr,
     RT: tl.constexpr,
+    EARLY: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_enter(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     nsp = tl.num_programs(1)
+    b = bh // Hkv
+    kvh = bh % Hkv
+    bh64 = bh.to(tl.int64)
+    # TRANS (a sketch with one step per row): tokens along the dot's rows, RT = max(4, p2(R)) rows of scores
+    # (_trans_operands). PACK (Plan.packed: 2R ≤ RP): both int8 query levels share one dot (level 1 in rows
+    # [0, RS), level 2 in rows [RS, RP), summed in registers); bounds on RS rows.
+    RS: tl.constexpr = RT if TRANS else (RP // 2 if PACK else RP)
+    r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RS)
+    # The query side reads the op's inputs alone: with EARLY it runs before the wait for the previous kernel,
+    # beside its tail (launch.py, "EARLY"); not with ROT (update_kernel writes q̃).
+    EARLY_Q: tl.constexpr = EARLY and not ROT
+    if not EARLY_Q:
+        pdl_enter(PDL)
+    if SRC == 0:
+        qc = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
+    else:
+        # ROT: every query operand is of q̃ = fl(R·q) (the sketch is of R·k; update_kernel rotates the
+        # queries once per step); R·q − q̃ costs the bound rot_e·‖q̃‖₂·‖k‖₂ ≤ rot_e·‖q̃‖₂·(‖k̂‖₂ + r), r
+        # covering the keys' side (update_kernel)
+        rot_e = rot_eps / (1.0 - rot_eps)
+        qf = _qrows(q_ptr, qrot_ptr, bh, b, kvh, r, rmask, sqb, sqh, sql, G, LQ, R, D, ROT)
+        amax = tl.max(tl.abs(qf), axis=1)
+        qs = qf / tl.where(amax > 0, amax, 1.0)[:, None]  # ‖q‖₂ = max|q|·‖q/max|q|‖₂: no under/overflow
+        emul = zmul * amax * tl.sqrt(tl.sum(qs * qs, axis=1))  # (α−1)·scale·‖q‖₂ per row
+        if ROT:
+            emul = emul * (1.0 + rot_e)
+        # Codes are read in chunks of CW bytes (int4: channel j in the low nibble of byte j, channel j + D/2
+        # in the high one) and scored per channel group by int8 dots, q = s·(c1 + c2/128) + e with int8 c1,
+        # c2; the e term (qerr per unit step) joins the bound.
+        W: tl.constexpr = D if SRC == 1 else D // 2
+        NGT: tl.constexpr = D // GS
+        CWG: tl.constexpr = GS if GS >= 32 else 32  # int8 dots take K ≥ 32
+        CW: tl.constexpr = W if CWG > W else CWG  # int4 with one step per token (TRANS): half a row
+        CMAX: tl.constexpr = 127 if SRC == 1 else 7
+        c1s, c2s, qmul, qerr = _qenc(
+            qf, rot_e, zmul, RS, RS if TRANS else RP, D, W, GS, CW, CMAX, 16 if SRC == 2 else 1, PACK, ROT,
+            TRANS,
+        )  # fmt: skip
+    if EARLY_Q:
+        pdl_enter(PDL)
     if (want_mode < 0) & (sp == 0):
         tl.store(mode_ptr + bh, -want_mode)  # a pipeline's first kernel sets the group's mode
-    if (want_mode < 0) | (tl.load(mode_ptr + bh) == want_mode):
-        b = bh // Hkv
-        kvh = bh % Hkv
-        bh64 = bh.to(tl.int64)
-        # TRANS (a sketch with one step per row): tokens along the dot's rows, RT = max(4, p2(R)) rows of
-        # scores (_trans_operands). PACK (Plan.packed: 2R ≤ RP): both int8 query levels share one dot (level 1
-        # in rows [0, RS), level 2 in rows [RS, RP), summed in registers); bounds on RS rows.
-        RS: tl.constexpr = RT if TRANS else (RP // 2 if PACK else RP)
-        r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RS)
+    mode = tl.load(mode_ptr + bh)
+    start = sp * split_len
+    end = tl.minimum(start + split_len, S)
+    if SRC != 0:  # no valid position at or past vend (append semantics, kept by update_kernel); loaded
+        # with the mode, not after it
+        end = tl.minimum(end, tl.load(vend_ptr + bh))
+    if (want_mode < 0) | (mode == want_mode):
         bias_base = bias_ptr + b.to(tl.int64) * sbb
         if SRC == 0:
-            qc = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
             k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
             d = tl.arange(0, D)
         else:
-            # ROT: every query operand is of q̃ = fl(R·q) (the sketch is of R·k; update_kernel rotates the
-            # queries once per step); R·q − q̃ costs the bound
-            # rot_e·‖q̃‖₂·‖k‖₂ ≤ rot_e·‖q̃‖₂·(‖k̂‖₂ + r), r covering the keys' side (update_kernel)
-            rot_e = rot_eps / (1.0 - rot_eps)
-            qf = _qrows(q_ptr, qrot_ptr, bh, b, kvh, r, rmask, sqb, sqh, sql, G, LQ, R, D, ROT)
-            amax = tl.max(tl.abs(qf), axis=1)
-            qs = qf / tl.where(amax > 0, amax, 1.0)[:, None]  # ‖q‖₂ = max|q|·‖q/max|q|‖₂: no under/overflow
-            emul = zmul * amax * tl.sqrt(tl.sum(qs * qs, axis=1))  # (α−1)·scale·‖q‖₂ per row
-            if ROT:
-                emul = emul * (1.0 + rot_e)
-            # Codes are read in chunks of CW bytes (int4: channel j in the low nibble of byte j, channel
-            # j + D/2 in the high one) and scored per channel group by int8 dots, q = s·(c1 + c2/128) + e with
-            # int8 c1, c2; the e term (qerr per unit step) joins the bound.
-            W: tl.constexpr = D if SRC == 1 else D // 2
-            NGT: tl.constexpr = D // GS
-            CWG: tl.constexpr = GS if GS >= 32 else 32  # int8 dots take K ≥ 32
-            CW: tl.constexpr = W if CWG > W else CWG  # int4 with one step per token (TRANS): half a row
-            CMAX: tl.constexpr = 127 if SRC == 1 else 7
-            c1s, c2s, qmul, qerr = _qenc(
-                q_ptr, qrot_ptr, rot_e, bh, b, kvh, sqb, sqh, sql, zmul, G, LQ, R, RS,
-                RS if TRANS else RP, D, W, GS, CW, CMAX, 16 if SRC == 2 else 1, PACK, ROT, TRANS,
-            )  # fmt: skip
             code_base = code_ptr + bh64 * sk_cap * W
             scale_base = scale_ptr + bh64 * sk_cap * NGT
             res_base = res_ptr + bh64 * sk_cap
         seg = bh64 * nsp + sp
         idx_base = seg_idx_ptr + seg * segcap
         zlo_base = seg_z_ptr + seg * 2 * R * segcap
-        start = sp * split_len
-        end = tl.minimum(start + split_len, S)
-        if SRC != 0:  # no valid position at or past vend (append semantics, kept by update_kernel)
-            end = tl.minimum(end, tl.load(vend_ptr + bh))
         runmax = tl.full([RS], NEG_INF, tl.float32)
         lastv = tl.zeros([BLOCK_N], tl.int32)  # per tile column: reduced once, at the end
         known = tl.full([RS], NEG_INF, tl.float32)
@@ -531,13 +535,14 @@ def cand_kernel(
     F32: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_enter(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = bh // Hkv
     kvh = bh % Hkv
     bh64 = bh.to(tl.int64)
     r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RP)
+    qc = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
+    pdl_enter(PDL)  # the query (an input of the op) before the wait: launch.py, EARLY
     seg = bh64 * tl.num_programs(1) + sp
     idx_base = seg_idx_ptr + seg * segcap
     z_base = seg_z_ptr + seg * 2 * R * segcap
@@ -549,7 +554,6 @@ def cand_kernel(
     sl = tl.arange(0, BLOCK_N)
     pos_nx, zhi_nx = _seg_block(idx_base, z_base, sl, sl < segcap, r, rmask, segcap, R)
     if mode == 0:
-        qc = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
         k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
         bias_base = bias_ptr + b.to(tl.int64) * sbb
         d = tl.arange(0, D)
