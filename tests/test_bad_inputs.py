@@ -224,6 +224,22 @@ def test_gpu_nan_in_one_head_stays_in_its_row(policy: str) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["topk", "adaptive"])
+def test_gpu_nan_query_row_leaves_the_page_ranking_to_its_group(policy: str) -> None:
+    """A NaN query row takes no part in its group's page ranking: the other row of the group gets the pages
+    the reference (the CPU op) gives it."""
+    q, k, v = qkv(s=300, d=64)
+    q[0, 1, 0, 3] = math.nan
+    kw = {"page_size": 16, "budget_pages": 4, "recent_pages": 1, "sink_pages": 0}
+    out = run(q.cuda(), k.cuda(), v.cuda(), None, policy, **kw).cpu()
+    ref = run(q, k, v, None, policy, **kw)
+    assert out[0, 1].isnan().all() and ref[0, 1].isnan().all()
+    out[0, 1] = 0
+    ref[0, 1] = 0
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("policy", ["dense", "certified"])
 def test_gpu_cache_beyond_2_pow_31_elements(policy: str) -> None:
     """k, v [1, 1, 2^25 + 1024, 64] fp16 (> 2^31 elements each, 4 GiB): only the last 700 slots are valid,

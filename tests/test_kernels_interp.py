@@ -512,6 +512,24 @@ def test_non_finite_query_rows_are_nan(policy):
     assert _err(out[:, ok], ref) < 1e-5
 
 
+@pytest.mark.parametrize("policy", ["topk", "adaptive"])
+def test_non_finite_query_row_leaves_the_page_ranking_to_its_group(policy):
+    """A NaN query row's output is NaN and it takes no part in its group's page ranking: its bounds at +inf
+    (as they were) made every page tie, so the group's other row read the first pages, in the reference; the
+    kernels, where a maximum propagates NaN (the interpreter), ranked pages by NaN (review, fourteenth
+    session). The other rows match the reference, which reads pages beyond the first ones here."""
+    q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.float32, seed=6)
+    q[0, 1, 0, 3] = math.nan
+    kw = dict(page_size=16, budget_pages=2, sink_pages=0, recent_pages=1)
+    out, _, cfg = _run(policy, q, k, v, None, 1.5, **kw)
+    ref, _ = decode_attention(q, k, v, scale=64**-0.5 * 2, alpha=1.5, config=cfg)
+    ok = [0, 2, 3]
+    assert out[0, 1].isnan().all() and ref[0, 1].isnan().all()
+    assert _err(out[:, ok], ref[:, ok]) < 1e-5
+    first, _ = decode_attention(q[:, :1], k[:, :1], v[:, :1], scale=64**-0.5 * 2, alpha=1.5, config=cfg)
+    assert _err(out[:, :1], first) < 1e-5  # group 0 ranked by its finite row alone
+
+
 def test_certified_over_capacity_falls_back_per_group():
     q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.bfloat16, seed=2)
     q[:, 2:] = 0.0  # KV head 1: flat scores, every token a candidate

@@ -143,6 +143,14 @@ def page_score_kernel(
     bh64 = bh.to(tl.int64)
     r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RP)
     q = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
+    # A row whose query is not finite takes no part in the ranking (its output is NaN whatever is read): it
+    # gets a copy of the group's first finite row, which changes no page's maximum (masking its bounds in the
+    # tile loop instead moved the whole tile out of the dots' layout: 1M, 1/64, page scoring 76 → 110 µs).
+    # Without a finite row the group selects nothing.
+    qok = tl.sum((tl.abs(q.to(tl.float32)) < POS_INF).to(tl.int32), axis=1) == D
+    first = tl.min(tl.where(qok & rmask, r, RP))
+    q = tl.where(qok[:, None], q, tl.sum(tl.where((r == first)[:, None], q, 0.0), axis=0)[None, :])
+    anyok = first < RP
     q_pos = tl.where(q > 0, q, 0.0).to(q.dtype)
     q_neg = tl.where(q < 0, q, 0.0).to(q.dtype)
     q_abs = tl.abs(q).to(q.dtype)
@@ -179,8 +187,10 @@ def page_score_kernel(
         hi_lo = mm(q_pos, tl.trans(kmx), F32) + mm(q_neg, tl.trans(kmn), F32)
         box = hi_lo + slack * mm(q_abs, tl.trans(kabs), F32)
         bmax, tlast = _bias_pages(bias, pos, rmask, RP, BP, PS, HAS_BIAS, BIAS_ROWS)
-        live = (bmax > NEG_INF) & ~empty[None, :]
-        u = tl.where(live, box * zmul + bmax * bmul, NEG_INF)
+        live = (bmax > NEG_INF) & ~empty[None, :] & anyok
+        u = box * zmul + bmax * bmul
+        # a NaN key: the page cannot be excluded (a maximum on the GPU would drop it beside a −inf row)
+        u = tl.where(live, tl.where(u == u, u, POS_INF), NEG_INF)
         score = tl.max(u, axis=0)
         tl.store(pscore_ptr + bh64 * pcap + pg, score, mask=pm)
         last = tl.maximum(last, tlast)

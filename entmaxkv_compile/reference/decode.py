@@ -142,7 +142,10 @@ def _page_selection(
     ps, hkv = config.page_size, k.shape[1]
     kmin, kmax = page_metadata(k, ps, valid)
     u = page_upper_bound(q, kmin, kmax, scale, bias, ps)  # [B, Hq, Lq, P]
-    u = u.masked_fill(u.isnan(), math.inf)  # NaN q or k: the page cannot be excluded (nor its group)
+    u = u.masked_fill(u.isnan(), math.inf)  # a NaN key: the page cannot be excluded
+    # a row whose query is not finite has a NaN output whatever is read: it takes no part in the ranking (with
+    # its bounds at +inf every page would tie and its group's other rows would get the first pages)
+    u = u.masked_fill(~torch.isfinite(q).all(-1, keepdim=True), NEG_INF)
     gb = group_bound(u, hkv)
     nonempty = gb > NEG_INF
     n_pages = gb.shape[-1]
