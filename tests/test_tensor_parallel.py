@@ -51,7 +51,9 @@ def check(results: list[dict]) -> None:
         (step,) = s["graphs"]  # one decode graph (prefill runs eagerly), compiled once
         assert step["decode_heads"] == [[HEADS // nproc, KV_HEADS // nproc]] * LAYERS
         assert step["dist_after"] == step["dist_before"]
-        assert step["dist_before"]["redistribute"] == LINEARS_PER_LAYER * LAYERS
+        # the spelling of a node differs between torch versions (a method name, a function's path)
+        spelt = sum(n for name, n in step["dist_before"].items() if "redistribute" in name)
+        assert spelt == LINEARS_PER_LAYER * LAYERS, step["dist_before"]
 
 
 def test_two_processes_gloo_match_single_process(tmp_path: Path) -> None:
