@@ -707,6 +707,28 @@ def test_dense_tail_of_a_long_cache_leaves_the_workspace_alone(monkeypatch):
     assert bool((sc.ws == 7.0).all())
 
 
+@pytest.mark.parametrize("policy", ["certified", "topk"])
+def test_dense_tail_below_min_context_stepped_stops_at_the_sequence(policy, monkeypatch):
+    """A short sequence in a long cache under ``min_context`` takes the dense tail on every step; once the
+    update kernel has seen the sequence, the tail scans up to its end (``vend``), not the capacity (a cache
+    past ``WS_INLINE_MAX``: a pass that writes the workspace writes it whole), and stays exact as tokens are
+    appended (fails if the bound drops the newest token)."""
+    monkeypatch.setattr(launch, "WS_INLINE_MAX", 0)
+    q, k, v = _inputs(1, 2, 2, 1, 96, 64, torch.float32, seed=5)
+    cfg = EntmaxKVConfig(policy=policy, page_size=8, budget_pages=2, min_candidates=16, min_context=200)
+    scale = q.shape[-1] ** -0.5 * 2
+    for length in (40, 41, 42, 43):
+        for h in range(2):  # the newest token carries most of the attention
+            k[0, h, length - 1] = 3 * q[0, 2 * h : 2 * h + 2, 0].mean(0)
+        bias = _mask(1, 96, [length])
+        out = ops_cuda.decode_site(q, k, v, bias, scale, 1.5, 11, cfg, n_programs=4, block_n=16)
+        ref = dense_decode(q, k, v, scale=scale, alpha=1.5, bias=bias)
+        assert _err(out, ref) < 1e-5, length
+        site = ops_cuda._sites[(11, k.device)].buffers
+        assert site.mode.tolist() == [1, 1]
+        assert site.vend.tolist() == ([96, 96] if length == 40 else [length, length])
+
+
 def _site_step(policy, q, k_cache, v_cache, length, site):
     """One decode step of ``site`` on a static cache holding ``length`` tokens; its error vs the reference."""
     cfg = EntmaxKVConfig(policy=policy, page_size=8, budget_pages=2, min_candidates=16)

@@ -275,6 +275,7 @@ class Scratch:
         self.gmax = torch.full((p.bh * p.rp,), -math.inf, dtype=f32, device=dev)
         self.qrot = torch.empty(p.bh * p.r * p.d if p.rot else 1, dtype=f32, device=dev)  # R·q per step
         self.mode = torch.zeros(p.bh, dtype=i32, device=dev)
+        self.capacity = torch.full((p.bh,), p.s, dtype=i32, device=dev)  # a pass's end without a site's vend
         self.tau_low = torch.zeros(p.bh * p.rp, dtype=f32, device=dev)
         self.tau = torch.zeros(p.bh * p.rp, dtype=f32, device=dev)
         rows = p.bh * p.r
@@ -400,10 +401,13 @@ def _score(
     want_mode: int,
     *,
     sketch: SiteBuffers | None = None,
+    vend: Tensor | None = None,
     ws: bool = False,
     ws_too: bool = False,
 ) -> None:
-    """Score every token of each group in ``want_mode`` (−1: all groups, set to mode 1).
+    """Score every token of each group in ``want_mode`` (−1: all groups, set to mode 1): positions ``[0,
+    vend)`` (per group, no valid position past it: the sketch's, else ``vend``, else the capacity) dealt out
+    over the programs, or every position of the capacity for a pass that writes the workspace.
 
     ``sketch`` given: from its key sketch, with bounds (``last`` feeds the watermark); ``ws``: write the
     dense workspace instead of keeping segments; ``ws_too``: write it as well."""
@@ -411,7 +415,7 @@ def _score(
     sk = p.sk if sketch is not None else 0
     meta = (sketch.codes, sketch.scales, sketch.res, sc.qrot) if sketch is not None else (q, q, q, q)
     last = sc.last if sketch is not None else sc.last_tail
-    vend = sketch.vend if sketch is not None else sc.mode
+    vend = sketch.vend if sketch is not None else sc.capacity if vend is None else vend
     score_kernel[(p.bh, p.nsplit)](
         q, st.k, st.bias, *meta, sc.seg_idx, sc.seg_z, sc.seg_cnt, sc.seg_max, last, sc.gmax, sc.ws,
         sc.mode, vend, *st.qkb(), p.hkv, p.s, p.s, p.split_len, p.segcap, st.zmul, st.bmul, st.rot_eps,
@@ -452,12 +456,13 @@ def _solve(
     )  # fmt: skip
 
 
-def _dense(st: Step, sc: Scratch, first: bool, inline: bool) -> None:
+def _dense(st: Step, sc: Scratch, first: bool, inline: bool, vend: Tensor | None = None) -> None:
     """Groups in mode 1 (all groups if ``first``) decode densely from kept segments; those whose segments
     overflow, from the dense workspace (mode 2). ``inline``: the scoring pass writes the workspace as it goes
     and the solve of an overflowed group reads it at once (two launches fewer), writing every position of the
-    capacity (see ``decode`` for where that is cheap)."""
-    _score(st, sc, -1 if first else 1, ws_too=inline)
+    capacity (see ``decode`` for where that is cheap). ``vend``: the site's end of the valid positions (a
+    sparse pipeline's update kernel keeps it), so a short sequence's tail scans its length on all programs."""
+    _score(st, sc, -1 if first else 1, vend=vend, ws_too=inline)
     _solve(st, sc, 1, 2, sc.tau, ws_inline=inline)
     if not inline:
         _score(st, sc, 2, ws=True)
@@ -576,6 +581,6 @@ def decode(
     # writes the workspace inline at any cache length; with min_context > 0 (auto: 128K) it may run on every
     # step for a short sequence in a long cache, where writing the whole capacity's workspace would cost more
     # than the two launches it saves (review, fourteenth session).
-    _dense(st, sc, False, p.ws_inline or (config.min_context == 0 and p.ws_cheap))
+    _dense(st, sc, False, p.ws_inline or (config.min_context == 0 and p.ws_cheap), site.vend)
     _output(st, sc, site, nlast)
     return st.out

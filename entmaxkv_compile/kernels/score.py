@@ -353,11 +353,19 @@ def score_kernel(
     if (want_mode < 0) & (sp == 0):
         tl.store(mode_ptr + bh, -want_mode)  # a pipeline's first kernel sets the group's mode
     mode = tl.load(mode_ptr + bh)
-    start = sp * split_len
-    end = tl.minimum(start + split_len, S)
-    if SRC != 0:  # no valid position at or past vend (append semantics, kept by update_kernel); loaded
-        # with the mode, not after it
-        end = tl.minimum(end, tl.load(vend_ptr + bh))
+    # No valid position at or past vend (append semantics, kept by update_kernel; the capacity in the dense
+    # pipeline): a pass that keeps segments deals [0, vend) out over its programs, so a short sequence in a
+    # long cache is scanned by all of them (with the capacity's split, a 16K sequence in a 1M cache fell to
+    # one program, whose segment overflowed: the group went to the workspace, 2.2 ms a step); a pass that
+    # writes the workspace covers the capacity. Loaded with the mode, not after it.
+    if SRC != 0 or not WRITE_WS:
+        vend = tl.load(vend_ptr + bh)
+        split = tl.minimum(tl.cdiv(tl.cdiv(vend, nsp), BLOCK_N) * BLOCK_N, split_len)  # ≤ a segment's range
+        start = sp * split
+        end = tl.minimum(start + split, vend)
+    else:
+        start = sp * split_len
+        end = tl.minimum(start + split_len, S)
     if (want_mode < 0) | (mode == want_mode):
         bias_base = bias_ptr + b.to(tl.int64) * sbb
         if SRC == 0:
