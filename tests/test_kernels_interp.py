@@ -513,21 +513,41 @@ def test_non_finite_query_rows_are_nan(policy):
 
 
 @pytest.mark.parametrize("policy", ["topk", "adaptive"])
-def test_non_finite_query_row_leaves_the_page_ranking_to_its_group(policy):
+@pytest.mark.parametrize("case", ["shared_bias", "per_head_bias", "causal_lq2"])
+def test_non_finite_query_row_leaves_the_page_ranking_to_its_group(policy, case):
     """A NaN query row's output is NaN and it takes no part in its group's page ranking: its bounds at +inf
-    (as they were) made every page tie, so the group's other row read the first pages, in the reference; the
+    (as they were) made every page tie, so the group's other rows read the first pages, in the reference; the
     kernels, where a maximum propagates NaN (the interpreter), ranked pages by NaN (review, fourteenth
-    session). The other rows match the reference, which reads pages beyond the first ones here."""
-    q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.float32, seed=6)
-    q[0, 1, 0, 3] = math.nan
-    kw = dict(page_size=16, budget_pages=2, sink_pages=0, recent_pages=1)
-    out, _, cfg = _run(policy, q, k, v, None, 1.5, **kw)
-    ref, _ = decode_attention(q, k, v, scale=64**-0.5 * 2, alpha=1.5, config=cfg)
-    ok = [0, 2, 3]
-    assert out[0, 1].isnan().all() and ref[0, 1].isnan().all()
-    assert _err(out[:, ok], ref[:, ok]) < 1e-5
-    first, _ = decode_attention(q[:, :1], k[:, :1], v[:, :1], scale=64**-0.5 * 2, alpha=1.5, config=cfg)
-    assert _err(out[:, :1], first) < 1e-5  # group 0 ranked by its finite row alone
+    session). With a per-row bias the row may see pages no other row sees (a head's mask, the newest of
+    Lq = 2 causal rows): they must not be selected for it either (review, fifteenth session: the kernels gave
+    the row a finite copy of another row's query over its own bias). The other rows match the reference."""
+    scale = 64**-0.5 * 2
+    kw = dict(page_size=16, budget_pages=2, sink_pages=0, recent_pages=1 if case == "shared_bias" else 0)
+    if case == "shared_bias":
+        q, k, v = _inputs(1, 2, 2, 1, 256, 64, torch.float32, seed=6)
+        q[0, 1, 0, 3] = math.nan
+        bias, bad = None, (0, 1, 0)
+    elif case == "per_head_bias":  # head 0 sees [0, 128), head 1 (NaN) every position
+        q, k, v = _inputs(1, 1, 2, 1, 256, 64, torch.float32, seed=7)
+        k[0, 0, 128:] += 1.5 * q[0, 0, 0]  # what head 0 cannot see scores high for its query
+        q[0, 1, 0, 3] = math.nan
+        bias = torch.zeros(1, 2, 1, 256)
+        bias[0, 0, 0, 128:] = NEG
+        bad = (0, 1, 0)
+    else:  # MHA, Lq = 2 causal: the newest row (NaN) alone sees position 160, the first of page 10
+        q, k, v = _inputs(1, 1, 1, 2, 256, 64, torch.float32, seed=8)
+        k[0, 0, 160] += 3 * q[0, 0, 0]  # scores high for the finite row's query, which cannot see it
+        q[0, 0, 1, 3] = math.nan
+        bias, bad = _mask(1, 256, [161], lq=2), (0, 0, 1)
+    out, _, cfg = _run(policy, q, k, v, bias, 1.5, **kw)
+    ref, _ = decode_attention(q, k, v, scale=scale, alpha=1.5, bias=bias, config=cfg)
+    assert out[bad].isnan().all() and ref[bad].isnan().all()
+    fin = ~out.isnan().any(-1)
+    assert fin.sum() == out[..., 0].numel() - 1
+    assert _err(out[fin], ref[fin]) < 1e-5
+    if case == "shared_bias":  # group 0 ranked by its finite row alone
+        first, _ = decode_attention(q[:, :1], k[:, :1], v[:, :1], scale=scale, alpha=1.5, config=cfg)
+        assert _err(out[:, :1], first) < 1e-5
 
 
 def test_certified_over_capacity_falls_back_per_group():
@@ -724,9 +744,14 @@ def test_dense_tail_below_min_context_stepped_stops_at_the_sequence(policy, monk
         out = ops_cuda.decode_site(q, k, v, bias, scale, 1.5, 11, cfg, n_programs=4, block_n=16)
         ref = dense_decode(q, k, v, scale=scale, alpha=1.5, bias=bias)
         assert _err(out, ref) < 1e-5, length
-        site = ops_cuda._sites[(11, k.device)].buffers
+        state = ops_cuda._sites[(11, k.device)]
+        site, plan = state.buffers, state.plan
         assert site.mode.tolist() == [1, 1]
         assert site.vend.tolist() == ([96, 96] if length == 40 else [length, length])
+        # the tail dealt [0, vend) over all its programs (the capacity's split left it to the first two)
+        last = ops_cuda._scratch[(k.device, plan)].last_tail.view(plan.bh, plan.nsplit)
+        if length > 40:
+            assert (last > 0).all(), last
 
 
 def _site_step(policy, q, k_cache, v_cache, length, site):

@@ -144,9 +144,10 @@ def page_score_kernel(
     r, rmask, hq, qp = group_rows(kvh, G, LQ, R, RP)
     q = cvt(load_q(q_ptr, b, hq, qp, rmask, sqb, sqh, sql, D), F32)
     # A row whose query is not finite takes no part in the ranking (its output is NaN whatever is read): it
-    # gets a copy of the group's first finite row, which changes no page's maximum (masking its bounds in the
-    # tile loop instead moved the whole tile out of the dots' layout: 1M, 1/64, page scoring 76 → 110 µs).
-    # Without a finite row the group selects nothing.
+    # gets a copy of the group's first finite row, which with a shared bias changes no page's maximum (masking
+    # its bounds in the tile loop instead moved the whole tile out of the dots' layout: 1M, 1/64, page scoring
+    # 76 → 110 µs); a per-row bias is masked for it in the tile loop. Without a finite row the group selects
+    # nothing.
     qok = tl.sum((tl.abs(q.to(tl.float32)) < POS_INF).to(tl.int32), axis=1) == D
     first = tl.min(tl.where(qok & rmask, r, RP))
     q = tl.where(qok[:, None], q, tl.sum(tl.where((r == first)[:, None], q, 0.0), axis=0)[None, :])
@@ -187,6 +188,8 @@ def page_score_kernel(
         hi_lo = mm(q_pos, tl.trans(kmx), F32) + mm(q_neg, tl.trans(kmn), F32)
         box = hi_lo + slack * mm(q_abs, tl.trans(kabs), F32)
         bmax, tlast = _bias_pages(bias, pos, rmask, RP, BP, PS, HAS_BIAS, BIAS_ROWS)
+        if HAS_BIAS and BIAS_ROWS != 1:  # its own bias would let the copied row see pages only it sees
+            bmax = tl.where(qok[:, None], bmax, NEG_INF)
         live = (bmax > NEG_INF) & ~empty[None, :] & anyok
         u = box * zmul + bmax * bmul
         # a NaN key: the page cannot be excluded (a maximum on the GPU would drop it beside a −inf row)
