@@ -86,6 +86,19 @@ def test_certified_rows_equal_dense(alpha: float, rotate: bool) -> None:
     assert wide.sum() > narrow.sum() and not narrow.all()
 
 
+def test_topk_decomposition_nan_query_row_takes_no_part_in_the_ranking() -> None:
+    """As the reference: a row whose query is not finite is NaN and its group's pages are the other rows'."""
+    q, k, v, bias = _inputs(torch.float32)
+    q[0, 1, 0, 5] = math.nan
+    args = (q, k, v, bias, SCALE, 1.5, 2, 16, 1, 2)
+    out_ref, pages_ref = torch.ops.entmaxkv.static_topk_attn(*args)
+    out, pages = static_topk_decomposition(*args)
+    assert _same_ids(pages, pages_ref)
+    assert out[0, 1].isnan().all() and out_ref[0, 1].isnan().all()
+    out[0, 1] = out_ref[0, 1] = 0
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=0)
+
+
 def test_unused_slots_are_minus_one() -> None:
     """A row with fewer live pages than slots pads with −1 and attends only what it sees."""
     q, k, v, bias = _inputs(torch.float32)
