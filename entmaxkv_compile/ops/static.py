@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..reference.entmax import _shifted_threshold, entmax_probs
-from ..reference.pages import group_bound, page_metadata, page_upper_bound
+from ..reference.pages import group_bound, page_metadata, page_rank_bound
 from ..reference.static import (
     full_bias,
     group_token_bounds,
@@ -216,10 +216,7 @@ def static_topk_decomposition(
     fb = full_bias(bias, q, k.shape[2])
     visible = (fb > -math.inf).flatten(1, 2).any(1)  # [B, S]
     kmin, kmax = page_metadata(k, page_size, visible)
-    u = page_upper_bound(q, kmin, kmax, scale, fb, page_size)
-    # as the reference: a NaN bound (a NaN key) keeps its page, a row whose query is not finite does not rank
-    u = u.masked_fill(u.isnan(), math.inf).masked_fill(~torch.isfinite(q).all(-1, keepdim=True), -math.inf)
-    bound = group_bound(u, k.shape[1])  # [B, Hkv, P]
+    bound = group_bound(page_rank_bound(q, kmin, kmax, scale, fb, page_size), k.shape[1])  # [B, Hkv, P]
     live = bound > -math.inf
     count = live.float()  # TensorRT's CumSum takes floats only
     from_end = count.sum(-1, keepdim=True) - count.cumsum(-1) + count  # live pages at or after each page

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..config import EntmaxKVConfig, validate_alpha
 from .entmax import entmax, entmax_threshold
-from .pages import group_bound, page_bias_max, page_counts, page_metadata, page_upper_bound
+from .pages import group_bound, page_bias_max, page_counts, page_metadata, page_rank_bound
 from .sketch import build_sketch, sketch_score_bounds
 
 NEG_INF = -math.inf
@@ -141,11 +141,7 @@ def _page_selection(
     """``topk``/``adaptive``: (selected pages ``[B, Hkv, P]``, per-token score bounds, metadata bytes)."""
     ps, hkv = config.page_size, k.shape[1]
     kmin, kmax = page_metadata(k, ps, valid)
-    u = page_upper_bound(q, kmin, kmax, scale, bias, ps)  # [B, Hq, Lq, P]
-    u = u.masked_fill(u.isnan(), math.inf)  # a NaN key: the page cannot be excluded
-    # a row whose query is not finite has a NaN output whatever is read: it takes no part in the ranking (with
-    # its bounds at +inf every page would tie and its group's other rows would get the first pages)
-    u = u.masked_fill(~torch.isfinite(q).all(-1, keepdim=True), NEG_INF)
+    u = page_rank_bound(q, kmin, kmax, scale, bias, ps)  # [B, Hq, Lq, P]
     gb = group_bound(u, hkv)
     nonempty = gb > NEG_INF
     n_pages = gb.shape[-1]

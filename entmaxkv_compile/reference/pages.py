@@ -87,6 +87,18 @@ def page_upper_bound(
     return u.masked_fill(masked, -math.inf)
 
 
+def page_rank_bound(
+    q: Tensor, kmin: Tensor, kmax: Tensor, scale: float, bias: Tensor | None, page_size: int
+) -> Tensor:
+    """:func:`page_upper_bound` as the page ranking reads it: a NaN bound (a NaN key) is ``+inf``, the page
+    cannot be excluded; a row whose query is not finite is ``−inf`` everywhere, since its output is NaN
+    whatever is read, so it takes no part in the ranking (at ``+inf`` every page would tie and its group's
+    other rows would get the first pages)."""
+    u = page_upper_bound(q, kmin, kmax, scale, bias, page_size)
+    u = u.masked_fill(u.isnan(), math.inf)
+    return u.masked_fill(~torch.isfinite(q).all(-1, keepdim=True), -math.inf)
+
+
 def group_bound(u: Tensor, num_kv_heads: int) -> Tensor:
     """Bound shared by a KV group: ``u[B, Hq, Lq, P]`` maxed over its heads and rows → ``[B, Hkv, P]``."""
     b, hq, lq, p = u.shape
